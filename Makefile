@@ -1,0 +1,29 @@
+# make test: the checks CI runs (lint, types, layers, every test). make demo: the local lab.
+# Both expect scripts/setup.sh to have run (the README's commands run it first).
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint unit demo clean
+
+setup:
+	bash scripts/setup.sh
+
+lint:
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The fast tests only: no control plane, no VMs.
+unit:
+	$(BIN)/pytest -m "not cluster and not kernel" $(PYTEST_ARGS)
+
+demo:
+	$(BIN)/flashmesh lab demo
+
+clean:
+	$(BIN)/flashmesh lab cluster down || true

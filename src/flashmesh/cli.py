@@ -1,0 +1,73 @@
+"""The `flashmesh` command: operator | csi | agent | status | lab | bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+NOT_BUILT = 3  # exit code of a subcommand that is not built yet
+
+
+def _not_built(what: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(f"flashmesh {what}: not built yet in this version of FlashMesh", file=sys.stderr)
+        return NOT_BUILT
+
+    return run
+
+
+def _lab(args: argparse.Namespace) -> int:
+    # Imported here: the lab is a development tool, and the product's subcommands must not
+    # pay for (or depend on) it.
+    from flashmesh.lab import commands
+
+    return commands.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashmesh",
+        description="FlashMesh: pooled NVMe over Fabrics storage for AI clusters on Kubernetes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, help_text in [
+        ("operator", "run the operator (StoragePools, StorageNodes, TrainingWorkloads)"),
+        ("csi", "run the CSI driver (controller and/or node service)"),
+        ("agent", "run the storage agent on a storage node"),
+        ("status", "show the pools, nodes and volumes of a cluster"),
+        ("bench", "run the benchmarks"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_not_built(name))
+
+    lab = sub.add_parser(
+        "lab", help="the local lab: a real control plane (and VMs) on this machine"
+    )
+    lab.set_defaults(func=_lab)
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+
+    cluster = lab_sub.add_parser("cluster", help="a local Kubernetes control plane with KWOK nodes")
+    cluster.add_argument("action", choices=["up", "down", "status"])
+    cluster.add_argument("--dir", help="the cluster's folder (default: in the lab cache)")
+    cluster.add_argument("--nodes", type=int, default=0, help="KWOK nodes to add on `up`")
+
+    demo = lab_sub.add_parser("demo", help="bring up the local cluster, install FlashMesh, show it")
+    demo.add_argument("--dir", help="the cluster's folder (default: in the lab cache)")
+
+    for name in ("up", "down", "status", "exec"):
+        p = lab_sub.add_parser(name, help=f"VM lab: {name} (not built yet)")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure vocabulary and decisions: no I/O, no kopf, grpc, kubernetes or subprocess."""

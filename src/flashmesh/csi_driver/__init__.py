@@ -1,0 +1,1 @@
+"""The CSI driver (csi.flashmesh.dev): identity, controller and node services."""

@@ -1,0 +1,173 @@
+"""The one place that talks to the Kubernetes API (besides kopf's own watching).
+
+A thin layer over the kubernetes client's dynamic client: objects go in and out as plain
+dicts, and an API error becomes a KubeError that keeps the server's field causes, so a
+caller can say which field was refused and why.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import DynamicApiError
+
+
+@dataclass(frozen=True)
+class Cause:
+    field: str
+    message: str
+    reason: str = ""
+
+
+@dataclass
+class KubeError(Exception):
+    """An error status from the API server."""
+
+    status: int
+    reason: str
+    message: str
+    causes: list[Cause] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}: {self.message}"
+
+    @classmethod
+    def from_body(cls, status: int, body: str | bytes | None) -> KubeError:
+        try:
+            data = json.loads(body or "{}")
+        except ValueError:
+            data = {"message": str(body)}
+        details = data.get("details") or {}
+        causes = [
+            Cause(c.get("field", ""), c.get("message", ""), c.get("reason", ""))
+            for c in details.get("causes") or []
+        ]
+        return cls(status, data.get("reason", ""), data.get("message", ""), causes)
+
+
+def _translate(exc: Exception) -> KubeError:
+    if isinstance(exc, DynamicApiError):
+        return KubeError.from_body(exc.status, exc.body)
+    if isinstance(exc, ApiException):
+        return KubeError.from_body(exc.status or 0, exc.body)
+    raise exc
+
+
+class Kube:
+    """Create, read, update and delete any kind by apiVersion and kind."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self._dynamic: DynamicClient | None = None
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | Path | None = None) -> Kube:
+        """From a kubeconfig file, or in a pod from its service account."""
+        configuration = client.Configuration()
+        if path is None:
+            config.load_incluster_config(client_configuration=configuration)
+        else:
+            config.load_kube_config(config_file=str(path), client_configuration=configuration)
+        return cls(client.ApiClient(configuration))
+
+    def close(self) -> None:
+        self.api_client.close()
+
+    @property
+    def dynamic(self) -> DynamicClient:
+        # Discovery is lazy and cached; it is refreshed when a kind is not found, so
+        # CRDs installed after start-up are seen.
+        if self._dynamic is None:
+            self._dynamic = DynamicClient(self.api_client)
+        return self._dynamic
+
+    def _resource(self, api_version: str, kind: str) -> Any:
+        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+
+    def create(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        namespace = obj.get("metadata", {}).get("namespace")
+        kwargs = {"dry_run": "All"} if dry_run else {}
+        try:
+            out = res.create(body=obj, namespace=namespace, **kwargs)
+        except (DynamicApiError, ApiException) as exc:
+            raise _translate(exc) from exc
+        return dict(out.to_dict())
+
+    def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        namespace = obj.get("metadata", {}).get("namespace")
+        try:
+            out = res.replace(body=obj, namespace=namespace)
+        except (DynamicApiError, ApiException) as exc:
+            raise _translate(exc) from exc
+        return dict(out.to_dict())
+
+    def get(
+        self, api_version: str, kind: str, name: str, namespace: str | None = None
+    ) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            out = self._resource(api_version, kind).get(name=name, namespace=namespace)
+        except (DynamicApiError, ApiException) as exc:
+            err = _translate(exc)
+            if err.status == 404:
+                return None
+            raise err from exc
+        return dict(out.to_dict())
+
+    def list(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        try:
+            out = self._resource(api_version, kind).get(
+                namespace=namespace, label_selector=label_selector
+            )
+        except (DynamicApiError, ApiException) as exc:
+            raise _translate(exc) from exc
+        return [dict(item) for item in out.to_dict().get("items", [])]
+
+    def patch(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        patch: dict[str, Any],
+        namespace: str | None = None,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        """A JSON merge patch, of the object or of a subresource such as status."""
+        res = self._resource(api_version, kind)
+        if subresource:
+            res = res.subresources[subresource]
+        try:
+            out = res.patch(
+                name=name,
+                namespace=namespace,
+                body=patch,
+                content_type="application/merge-patch+json",
+            )
+        except (DynamicApiError, ApiException) as exc:
+            raise _translate(exc) from exc
+        return dict(out.to_dict())
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
+        """Deletes the object; False when it was already gone."""
+        try:
+            self._resource(api_version, kind).delete(name=name, namespace=namespace)
+        except (DynamicApiError, ApiException) as exc:
+            err = _translate(exc)
+            if err.status == 404:
+                return False
+            raise err from exc
+        return True

@@ -1,0 +1,126 @@
+"""`flashmesh lab ...`: the local control plane and the demo, for people at a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flashmesh.lab.binaries import cache_dir
+from flashmesh.lab.cluster import STATE_FILE, ClusterError, LocalCluster, node_is_ready
+from flashmesh.lab.crds import apply_examples, install_crds
+from flashmesh.lab.progress import say
+
+DEMO_STORAGE_NODES = 3
+DEMO_GPU_NODES = 2
+
+
+def default_dir() -> Path:
+    return cache_dir() / "lab" / "cluster"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.lab_command == "cluster":
+            return _cluster(args)
+        if args.lab_command == "demo":
+            return demo(Path(args.dir) if args.dir else default_dir())
+    except ClusterError as exc:
+        print(f"flashmesh lab: {exc}", file=sys.stderr)
+        return 1
+    print(f"flashmesh lab {args.lab_command}: the VM lab is not built yet", file=sys.stderr)
+    return 3
+
+
+def _running(workdir: Path) -> LocalCluster | None:
+    if not (workdir / STATE_FILE).exists():
+        return None
+    cluster = LocalCluster.load(workdir)
+    return cluster if all(cluster.running().values()) and cluster.running() else None
+
+
+def up(workdir: Path, nodes: int = 0) -> LocalCluster:
+    """The cluster in workdir, started unless it already runs."""
+    cluster = _running(workdir)
+    if cluster is not None:
+        say(f"cluster already running in {workdir}")
+        return cluster
+    if (workdir / STATE_FILE).exists():
+        say(f"a cluster in {workdir} is only partly running: stopping what is left of it")
+        LocalCluster.load(workdir).stop()
+    cluster = LocalCluster(workdir, die_with_parent=False)
+    cluster.start()
+    for i in range(nodes):
+        cluster.add_fake_node(f"kwok-node-{i}")
+    return cluster
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    workdir = Path(args.dir) if args.dir else default_dir()
+    if args.action == "up":
+        cluster = up(workdir, args.nodes)
+        print(f"export KUBECONFIG={cluster.kubeconfig}")
+        return 0
+    if args.action == "down":
+        if not (workdir / STATE_FILE).exists():
+            say(f"no cluster in {workdir}")
+            return 0
+        LocalCluster.load(workdir).stop()
+        say("cluster stopped and its folder removed")
+        return 0
+    return status(workdir)
+
+
+def status(workdir: Path) -> int:
+    if not (workdir / STATE_FILE).exists():
+        print(f"no cluster in {workdir} (start one with: flashmesh lab cluster up)")
+        return 1
+    cluster = LocalCluster.load(workdir)
+    running = cluster.running()
+    for name, alive in running.items():
+        print(f"{name:<25} {'running' if alive else 'NOT RUNNING'}  pid {cluster.state.pids[name]}")
+    print(f"{'api server':<25} {cluster.server}")
+    print(f"{'kubeconfig':<25} {cluster.kubeconfig}")
+    if not all(running.values()):
+        return 1
+    nodes = cluster.kube.list("v1", "Node")
+    ready = sum(node_is_ready(n) for n in nodes)
+    print(f"{'nodes':<25} {ready}/{len(nodes)} Ready")
+    return 0
+
+
+def demo(workdir: Path) -> int:
+    """The local lab demo: a real control plane, FlashMesh's CRDs, simulated storage and GPU
+    nodes, the sample objects, and what kubectl shows of them."""
+    cluster = up(workdir)
+    say("installing the FlashMesh CRDs")
+    install_crds(cluster)
+    existing = {n["metadata"]["name"] for n in cluster.kube.list("v1", "Node")}
+    for i in range(DEMO_STORAGE_NODES):
+        name = f"storage-{i}"
+        if name not in existing:
+            say(f"adding simulated storage node {name}")
+            cluster.add_fake_node(
+                name, labels={"flashmesh.dev/storage": "true"}, zone=f"zone-{'abc'[i % 3]}"
+            )
+    for i in range(DEMO_GPU_NODES):
+        name = f"gpu-{i}"
+        if name not in existing:
+            say(f"adding simulated GPU node {name}")
+            cluster.add_fake_node(name, labels={"nvidia.com/gpu.present": "true"}, gpus=8)
+    say("applying the samples in crds/examples/")
+    print(apply_examples(cluster), end="")
+    for args in (
+        ["get", "nodes", "-L", "topology.kubernetes.io/zone"],
+        ["get", "flashmesh", "-A"],
+        ["get", "storagepools", "-o", "wide"],
+    ):
+        print(f"\n$ kubectl {' '.join(args)}")
+        print(cluster.kubectl(*args).stdout, end="")
+    print(
+        "\nThe control plane keeps running. Use it with:\n"
+        f"  export KUBECONFIG={cluster.kubeconfig} PATH={cluster.binaries.kubectl.parent}:$PATH\n"
+        "  kubectl explain storagepool.spec\n"
+        "Stop it with: flashmesh lab cluster down"
+    )
+    return 0

@@ -1,0 +1,72 @@
+"""Starting and ending the lab's own processes, by PID, with their logs kept."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: the kernel sends SIGTERM if the parent dies, so an
+    # interrupted test run leaves no orphaned servers behind.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(argv: list[str], log: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
+    """Starts a server in its own session, stdout and stderr to its log file."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
+        )
+
+
+def is_ours(pid: int, executable: str) -> bool:
+    """True while pid is alive and still runs the executable we started (not a reused PID)."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return exe.removesuffix(" (deleted)") == executable and state != "Z"
+
+
+def stop(pid: int, executable: str, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after the timeout; only if pid still runs our executable."""
+
+    def gone() -> bool:
+        # Reap it if it is our child, so it does not linger as a zombie.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return not is_ours(pid, executable)
+
+    if gone():
+        return
+    os.kill(pid, signal.SIGTERM)
+    if not wait_until(gone, timeout):
+        os.kill(pid, signal.SIGKILL)
+        wait_until(gone, 10.0)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Polls condition until it holds or the timeout passes; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
