@@ -106,7 +106,7 @@ def test_every_example_is_accepted_and_reads_back_into_its_model(crds: LocalClus
     for path in example_files():
         data = yaml.safe_load(path.read_text())
         stored = kube.create(data)
-        kind = next(k for k in resources.KINDS if k.KIND == data["kind"])
+        kind = next(k for k in resources.KINDS if data["kind"] == k.KIND)
         model = kind.from_dict(stored)
         # The model writes back exactly what the API server stored, defaults included.
         assert model.to_dict()["spec"] == stored["spec"], path.name
@@ -115,94 +115,229 @@ def test_every_example_is_accepted_and_reads_back_into_its_model(crds: LocalClus
 def test_a_full_status_round_trips_through_the_model(crds: LocalCluster) -> None:
     kube = crds.kube
     name = unique("node")
-    kube.create({"apiVersion": resources.API_VERSION, "kind": "StorageNode",
-                 "metadata": {"name": name}, "spec": {"pool": "fast"}})
+    kube.create(
+        {
+            "apiVersion": resources.API_VERSION,
+            "kind": "StorageNode",
+            "metadata": {"name": name},
+            "spec": {"pool": "fast"},
+        }
+    )
     status = {
         "phase": "Ready",
-        "drives": [{"path": "/dev/nvme0n1", "size": "3576Gi", "model": "QEMU NVMe Ctrl",
-                    "serial": "fm0001"}],
-        "volumeGroup": {"name": "flashmesh-fast", "size": "3576Gi", "free": "3000Gi",
-                        "thinPool": {"name": "thin", "size": "3500Gi", "dataPercent": 12.5,
-                                     "metadataPercent": 1}},
+        "drives": [
+            {
+                "path": "/dev/nvme0n1",
+                "size": "3576Gi",
+                "model": "QEMU NVMe Ctrl",
+                "serial": "fm0001",
+            }
+        ],
+        "volumeGroup": {
+            "name": "flashmesh-fast",
+            "size": "3576Gi",
+            "free": "3000Gi",
+            "thinPool": {
+                "name": "thin",
+                "size": "3500Gi",
+                "dataPercent": 12.5,
+                "metadataPercent": 1,
+            },
+        },
         "endpoints": [{"transport": "tcp", "address": "10.0.0.1", "port": 4420}],
-        "rdmaDevices": [{"name": "rxe0", "port": 1, "state": "ACTIVE", "linkLayer": "Ethernet",
-                         "netdev": "eth0"}],
+        "rdmaDevices": [
+            {
+                "name": "rxe0",
+                "port": 1,
+                "state": "ACTIVE",
+                "linkLayer": "Ethernet",
+                "netdev": "eth0",
+            }
+        ],
         "lastHeartbeatTime": "2026-11-27T10:00:00Z",
-        "conditions": [{"type": "Ready", "status": "True", "reason": "Heartbeat",
-                        "lastTransitionTime": "2026-11-27T10:00:00Z"}],
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Heartbeat",
+                "lastTransitionTime": "2026-11-27T10:00:00Z",
+            }
+        ],
         "observedGeneration": 1,
     }
-    stored = kube.patch(resources.API_VERSION, "StorageNode", name, {"status": status},
-                        subresource="status")
+    stored = kube.patch(
+        resources.API_VERSION, "StorageNode", name, {"status": status}, subresource="status"
+    )
     assert stored["status"]["drives"][0]["selected"] is False  # the schema's default
     assert resources.StorageNode.from_dict(stored).to_dict()["status"] == stored["status"]
 
 
 # (name, object, field the API server names, words that say what to fix)
 CREATE_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
-    ("stripe width above 16", pool(layout={"stripeWidth": 17}),
-     "spec.layout.stripeWidth", "less than or equal to 16"),
-    ("stripe width 0", pool(layout={"stripeWidth": 0}),
-     "spec.layout.stripeWidth", "greater than or equal to 1"),
-    ("replicas above 16", pool(layout={"replicas": 17}),
-     "spec.layout.replicas", "less than or equal to 16"),
-    ("unknown transport", pool(transports=["iscsi"]),
-     "spec.transports[0]", 'supported values: "tcp", "rdma"'),
+    (
+        "stripe width above 16",
+        pool(layout={"stripeWidth": 17}),
+        "spec.layout.stripeWidth",
+        "less than or equal to 16",
+    ),
+    (
+        "stripe width 0",
+        pool(layout={"stripeWidth": 0}),
+        "spec.layout.stripeWidth",
+        "greater than or equal to 1",
+    ),
+    (
+        "replicas above 16",
+        pool(layout={"replicas": 17}),
+        "spec.layout.replicas",
+        "less than or equal to 16",
+    ),
+    (
+        "unknown transport",
+        pool(transports=["iscsi"]),
+        "spec.transports[0]",
+        'supported values: "tcp", "rdma"',
+    ),
     ("transport twice", pool(transports=["tcp", "tcp"]), "spec.transports[1]", "Duplicate"),
     ("no transport", pool(transports=[]), "spec.transports", "at least 1 items"),
-    ("zero default size", pool(defaultVolumeSize="0"),
-     "spec.defaultVolumeSize", "positive quantity such as 10Gi"),
-    ("size that is no quantity", pool(defaultVolumeSize="lots"),
-     "spec.defaultVolumeSize", "positive quantity such as 10Gi"),
-    ("negative drive size", pool(drives={"minSize": "-1Gi"}),
-     "spec.drives.minSize", "positive quantity"),
-    ("drive pattern outside /dev", pool(drives={"pathPatterns": ["nvme*"]}),
-     "spec.drives.pathPatterns[0]", "must start with /dev/"),
-    ("no node selector", without(pool(), "spec", "nodeSelector"),
-     "spec.nodeSelector", "Required value"),
-    ("In without values",
-     pool(nodeSelector={"matchExpressions": [{"key": "zone", "operator": "In"}]}),
-     "spec.nodeSelector.matchExpressions[0].values", "need a non-empty values list"),
-    ("unknown selector operator",
-     pool(nodeSelector={"matchExpressions": [{"key": "zone", "operator": "Like"}]}),
-     "spec.nodeSelector.matchExpressions[0].operator", 'supported values: "In"'),
+    (
+        "zero default size",
+        pool(defaultVolumeSize="0"),
+        "spec.defaultVolumeSize",
+        "positive quantity such as 10Gi",
+    ),
+    (
+        "size that is no quantity",
+        pool(defaultVolumeSize="lots"),
+        "spec.defaultVolumeSize",
+        "positive quantity such as 10Gi",
+    ),
+    (
+        "negative drive size",
+        pool(drives={"minSize": "-1Gi"}),
+        "spec.drives.minSize",
+        "positive quantity",
+    ),
+    (
+        "drive pattern outside /dev",
+        pool(drives={"pathPatterns": ["nvme*"]}),
+        "spec.drives.pathPatterns[0]",
+        "must start with /dev/",
+    ),
+    (
+        "no node selector",
+        without(pool(), "spec", "nodeSelector"),
+        "spec.nodeSelector",
+        "Required value",
+    ),
+    (
+        "In without values",
+        pool(nodeSelector={"matchExpressions": [{"key": "zone", "operator": "In"}]}),
+        "spec.nodeSelector.matchExpressions[0].values",
+        "need a non-empty values list",
+    ),
+    (
+        "unknown selector operator",
+        pool(nodeSelector={"matchExpressions": [{"key": "zone", "operator": "Like"}]}),
+        "spec.nodeSelector.matchExpressions[0].operator",
+        'supported values: "In"',
+    ),
     ("zero volume size", volume(size="0Gi"), "spec.size", "positive quantity"),
-    ("segment index beyond the stripe width",
-     volume(segments=[{"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
-                      {"index": 2, "replica": 0, "node": "b", "size": "10Gi"}]),
-     "spec.segments", "below spec.layout.stripeWidth"),
-    ("too few segments",
-     volume(segments=[{"index": 0, "replica": 0, "node": "a", "size": "10Gi"}]),
-     "spec.segments", "exactly stripeWidth x replicas segments"),
-    ("one stripe set on one node",
-     volume(segments=[{"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
-                      {"index": 1, "replica": 0, "node": "a", "size": "10Gi"}]),
-     "spec.segments", "distinct nodes"),
-    ("replicas of a segment on one node",
-     volume(layout={"stripeWidth": 1, "replicas": 2},
-            segments=[{"index": 0, "replica": 0, "node": "a", "size": "20Gi"},
-                      {"index": 0, "replica": 1, "node": "a", "size": "20Gi"}]),
-     "spec.segments", "distinct nodes"),
+    (
+        "segment index beyond the stripe width",
+        volume(
+            segments=[
+                {"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
+                {"index": 2, "replica": 0, "node": "b", "size": "10Gi"},
+            ]
+        ),
+        "spec.segments",
+        "below spec.layout.stripeWidth",
+    ),
+    (
+        "too few segments",
+        volume(segments=[{"index": 0, "replica": 0, "node": "a", "size": "10Gi"}]),
+        "spec.segments",
+        "exactly stripeWidth x replicas segments",
+    ),
+    (
+        "one stripe set on one node",
+        volume(
+            segments=[
+                {"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
+                {"index": 1, "replica": 0, "node": "a", "size": "10Gi"},
+            ]
+        ),
+        "spec.segments",
+        "distinct nodes",
+    ),
+    (
+        "replicas of a segment on one node",
+        volume(
+            layout={"stripeWidth": 1, "replicas": 2},
+            segments=[
+                {"index": 0, "replica": 0, "node": "a", "size": "20Gi"},
+                {"index": 0, "replica": 1, "node": "a", "size": "20Gi"},
+            ],
+        ),
+        "spec.segments",
+        "distinct nodes",
+    ),
     ("host that is no NQN", volume(hosts=["node-1"]), "spec.hosts[0]", "host NQNs, such as"),
-    ("source naming both kinds", volume(source={"snapshot": "s", "volume": "v"}),
-     "spec.source", "exactly one of snapshot or volume"),
-    ("CSI name over 128 bytes", volume(csiName="x" * 129),
-     "spec.csiName", "may not be more than 128"),
-    ("segment list with one identity twice",
-     volume(segments=[{"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
-                      {"index": 0, "replica": 0, "node": "b", "size": "10Gi"}]),
-     "spec.segments[1]", "Duplicate value"),
+    (
+        "source naming both kinds",
+        volume(source={"snapshot": "s", "volume": "v"}),
+        "spec.source",
+        "exactly one of snapshot or volume",
+    ),
+    (
+        "CSI name over 128 bytes",
+        volume(csiName="x" * 129),
+        "spec.csiName",
+        "may not be more than 128",
+    ),
+    (
+        "segment list with one identity twice",
+        volume(
+            segments=[
+                {"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
+                {"index": 0, "replica": 0, "node": "b", "size": "10Gi"},
+            ]
+        ),
+        "spec.segments[1]",
+        "Duplicate value",
+    ),
     ("snapshot of negative size", snapshot(size="-5Gi"), "spec.size", "positive quantity"),
-    ("parallel ETL", workload(etl={"replicas": 2}),
-     "spec.stages.etl.replicas", "spec.stages.etl.replicas must be 1"),
-    ("17 GPUs per replica", workload(gpusPerReplica=17),
-     "spec.stages.training.gpusPerReplica", "less than or equal to 16"),
-    ("training without a command", workload(command=[]),
-     "spec.stages.training.command", "at least 1 items"),
-    ("zero checkpoint size", workload(checkpointSize="0"),
-     "spec.stages.training.checkpointSize", "positive quantity"),
-    ("no training stage", without(workload(), "spec", "stages", "training"),
-     "spec.stages.training", "Required value"),
+    (
+        "parallel ETL",
+        workload(etl={"replicas": 2}),
+        "spec.stages.etl.replicas",
+        "spec.stages.etl.replicas must be 1",
+    ),
+    (
+        "17 GPUs per replica",
+        workload(gpusPerReplica=17),
+        "spec.stages.training.gpusPerReplica",
+        "less than or equal to 16",
+    ),
+    (
+        "training without a command",
+        workload(command=[]),
+        "spec.stages.training.command",
+        "at least 1 items",
+    ),
+    (
+        "zero checkpoint size",
+        workload(checkpointSize="0"),
+        "spec.stages.training.checkpointSize",
+        "positive quantity",
+    ),
+    (
+        "no training stage",
+        without(workload(), "spec", "stages", "training"),
+        "spec.stages.training",
+        "Required value",
+    ),
 ]
 
 
@@ -263,15 +398,30 @@ def shrink_dataset(w: dict[str, Any]) -> None:
 UPDATE_REFUSALS = [
     ("volume layout", volume, change_layout, "spec.layout", "spec.layout is immutable"),
     ("volume shrinks", volume, shrink, "spec.size", "cannot shrink"),
-    ("segment moved without a rebuild", volume, move_without_rebuild,
-     "spec.segments[0].node", "raise spec.segments[].rebuild together with node"),
-    ("segment identity changed", volume, drop_segment,
-     "spec.segments", "keep their (index, replica) identities"),
+    (
+        "segment moved without a rebuild",
+        volume,
+        move_without_rebuild,
+        "spec.segments[0].node",
+        "raise spec.segments[].rebuild together with node",
+    ),
+    (
+        "segment identity changed",
+        volume,
+        drop_segment,
+        "spec.segments",
+        "keep their (index, replica) identities",
+    ),
     ("volume changes pool", volume, move_pool, "spec.pool", "stays in the pool"),
     ("volume gains a source", volume, add_source, "spec.source", "fixed at creation"),
     ("snapshot spec changed", snapshot, resize_snapshot, "spec", "create a new snapshot"),
-    ("dataset changes pool", workload, move_dataset,
-     "spec.dataset.pool", "create a new TrainingWorkload"),
+    (
+        "dataset changes pool",
+        workload,
+        move_dataset,
+        "spec.dataset.pool",
+        "create a new TrainingWorkload",
+    ),
     ("dataset shrinks", workload, shrink_dataset, "spec.dataset.size", "cannot shrink"),
 ]
 

@@ -114,7 +114,7 @@ def test_defaults_are_the_schemas_defaults(kind: type[resources.Resource]) -> No
 @pytest.mark.parametrize("path", sorted((CRDS / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_parses_into_its_model(path: Path) -> None:
     data = yaml.safe_load(path.read_text())
-    (kind,) = [k for k in resources.KINDS if k.KIND == data["kind"]]
+    (kind,) = [k for k in resources.KINDS if data["kind"] == k.KIND]
     obj = kind.from_dict(data)
     assert obj.metadata.name == data["metadata"]["name"]
     assert contains(obj.to_dict()["spec"], data["spec"])
@@ -123,7 +123,9 @@ def test_every_example_parses_into_its_model(path: Path) -> None:
 def contains(big: Any, small: Any) -> bool:
     """Whether big holds everything small does (big may add defaults)."""
     if isinstance(small, dict):
-        return isinstance(big, dict) and all(k in big and contains(big[k], v) for k, v in small.items())
+        return isinstance(big, dict) and all(
+            k in big and contains(big[k], v) for k, v in small.items()
+        )
     if isinstance(small, list):
         return isinstance(big, list) and len(big) == len(small) and all(map(contains, big, small))
     return bool(big == small)
