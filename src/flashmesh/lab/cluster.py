@@ -77,6 +77,7 @@ class LocalCluster:
         extra_addresses: list[str] | None = None,
         die_with_parent: bool = True,
     ) -> None:
+        """extra_addresses are more addresses the apiserver's certificate is valid for."""
         self.workdir = workdir.resolve()
         self.state = ClusterState(str(self.workdir), address, list(extra_addresses or []))
         self.die_with_parent = die_with_parent
@@ -280,14 +281,13 @@ class LocalCluster:
 
     def _start_apiserver(self, bins: Binaries) -> None:
         a, p, pki = self.state.address, self.state.ports, self.pki
-        bind = "0.0.0.0" if self.state.extra_addresses else a
         say("starting kube-apiserver")
         self._spawn(
             "kube-apiserver",
             [
                 str(bins.kube_apiserver),
                 f"--etcd-servers=http://{a}:{p['etcd-client']}",
-                f"--bind-address={bind}",
+                f"--bind-address={a}",
                 f"--secure-port={p['apiserver']}",
                 # No default route here: the apiserver must be told its address, and a loopback
                 # address must not be written into the kubernetes Endpoints.
