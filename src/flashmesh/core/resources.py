@@ -142,7 +142,7 @@ class StoragePool(Resource):
     PLURAL: ClassVar[str] = "storagepools"
 
     metadata: Meta
-    spec: StoragePoolSpec = field(default_factory=StoragePoolSpec)
+    spec: StoragePoolSpec
     status: StoragePoolStatus | None = None
 
 
