@@ -6,7 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-packages=(make openssl python3 python3-venv iproute2 ca-certificates)
+# The control plane and tests; then the kernel lab: QEMU, the initramfs tools, and the data
+# path's userland that the VMs share with the host (installed before any VM boots: the VMs
+# cache the host's files). lvm2 only recommends thin-provisioning-tools, which thin pools need.
+packages=(make openssl python3 python3-venv iproute2 ca-certificates curl
+          qemu-system-x86 busybox-static cpio kmod xz-utils
+          nvme-cli fio python3-pyverbs ibverbs-providers rdma-core
+          lvm2 thin-provisioning-tools mdadm xfsprogs e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,14 +21,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
 
 command -v go >/dev/null || { say "Go 1.26 is needed to build the control plane (go not found)"; exit 1; }
 
-if [ ! -x .venv/bin/python ]; then
-  say "creating .venv"
-  python3 -m venv .venv
+# The virtualenv is made from Debian's /usr/bin/python3 with its system packages visible:
+# pyverbs exists only as Debian's python3-pyverbs, and the lab's VMs run the same .venv.
+if ! grep -qs '^home = /usr/bin$' .venv/pyvenv.cfg \
+   || ! grep -qs '^include-system-site-packages = true$' .venv/pyvenv.cfg; then
+  say "creating .venv on /usr/bin/python3"
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -e "$stamp" ]; then
@@ -33,4 +44,5 @@ if [ ! -e "$stamp" ]; then
 fi
 
 bash tools/build.sh
+.venv/bin/python -m flashmesh.lab.kernel
 say "ready"

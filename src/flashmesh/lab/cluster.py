@@ -67,6 +67,7 @@ class ClusterState:
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     executables: dict[str, str] = field(default_factory=dict)
+    bind_all: bool = False
 
 
 class LocalCluster:
@@ -76,10 +77,15 @@ class LocalCluster:
         address: str = "127.0.0.1",
         extra_addresses: list[str] | None = None,
         die_with_parent: bool = True,
+        bind_all: bool = False,
     ) -> None:
-        """extra_addresses are more addresses the apiserver's certificate is valid for."""
+        """extra_addresses are more addresses the apiserver's certificate is valid for.
+        bind_all makes the apiserver listen on every address: only inside the lab's own
+        network namespace, where VMs reach it on the bridge addresses."""
         self.workdir = workdir.resolve()
-        self.state = ClusterState(str(self.workdir), address, list(extra_addresses or []))
+        self.state = ClusterState(
+            str(self.workdir), address, list(extra_addresses or []), bind_all=bind_all
+        )
         self.die_with_parent = die_with_parent
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._kube: Kube | None = None
@@ -281,13 +287,14 @@ class LocalCluster:
 
     def _start_apiserver(self, bins: Binaries) -> None:
         a, p, pki = self.state.address, self.state.ports, self.pki
+        bind = "0.0.0.0" if self.state.bind_all else a
         say("starting kube-apiserver")
         self._spawn(
             "kube-apiserver",
             [
                 str(bins.kube_apiserver),
                 f"--etcd-servers=http://{a}:{p['etcd-client']}",
-                f"--bind-address={a}",
+                f"--bind-address={bind}",
                 f"--secure-port={p['apiserver']}",
                 # No default route here: the apiserver must be told its address, and a loopback
                 # address must not be written into the kubernetes Endpoints.
