@@ -72,6 +72,14 @@ class LabError(RuntimeError):
     pass
 
 
+class VmDied(LabError):
+    """The VM's QEMU process ended, for instance because its kernel panicked."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.vm = name
+
+
 @dataclass
 class _Vm:
     spec: VmSpec
@@ -158,6 +166,16 @@ class Lab:
         self.start(self._vm(name).spec)
         self.wait_ready(name, timeout)
 
+    def revive(self) -> list[str]:
+        """Boots again every VM whose process has ended; their names."""
+        dead = [
+            n for n, vm in self._vms.items() if vm.proc is not None and vm.proc.poll() is not None
+        ]
+        for name in dead:
+            say(f"{name} is not running: booting it again")
+            self.restart(name)
+        return dead
+
     def down(self) -> None:
         """Stops every VM, removes their taps (and the network, if the lab made it) and the
         lab's folder."""
@@ -215,7 +233,7 @@ class Lab:
 
         def finished() -> bool:
             if vm.proc is not None and vm.proc.poll() is not None:
-                raise LabError(f"{name} died while running {job}:\n{self._tail(name)}")
+                raise VmDied(name, f"{name} died while running {job}:\n{self._tail(name)}")
             return (run / f"{job}.rc").exists()
 
         if not processes.wait_until(finished, timeout, interval=0.1):
@@ -260,7 +278,7 @@ class Lab:
         except KeyError:
             raise LabError(f"no VM named {name} in this lab") from None
 
-    def _tail(self, name: str, lines: int = 30) -> str:
+    def _tail(self, name: str, lines: int = 80) -> str:
         return "\n".join(_read(self.console(name)).splitlines()[-lines:])
 
     def _qemu_argv(self, spec: VmSpec) -> list[str]:
@@ -352,4 +370,13 @@ def _pids_of(executable: str) -> list[int]:
     return pids
 
 
-__all__ = ["Drive", "ExecResult", "Lab", "LabError", "VmSpec", "bridge_address", "host_nqn"]
+__all__ = [
+    "Drive",
+    "ExecResult",
+    "Lab",
+    "LabError",
+    "VmDied",
+    "VmSpec",
+    "bridge_address",
+    "host_nqn",
+]

@@ -9,8 +9,10 @@ nvmet_subsystem() {
   modprobe nvmet
   mkdir -p "$s/namespaces/1"
   echo "$any" > "$s/attr_allow_any_host"
-  echo "$dev" > "$s/namespaces/1/device_path"
-  echo 1 > "$s/namespaces/1/enable"
+  if [ "$(cat "$s/namespaces/1/enable")" != 1 ]; then  # attributes change only while disabled
+    echo "$dev" > "$s/namespaces/1/device_path"
+    echo 1 > "$s/namespaces/1/enable"
+  fi
 }
 
 # nvmet_port ID TRTYPE ADDR SVCID NQN: a port (created once) that exposes the subsystem.

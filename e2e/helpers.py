@@ -1,0 +1,66 @@
+"""Shared pieces of the kernel lab scenarios: the VMs, shell in a VM, fio's verdicts."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flashmesh.lab.kernel import GUEST
+from flashmesh.lab.vm import Drive, Lab, VmDied, VmSpec
+
+LIB = GUEST / "lab-lib.sh"
+MIB = 1 << 20
+T = TypeVar("T")
+
+# storage-0: drive 0 for the TCP scenario, drive 1 for RDMA, drive 2 for LVM volumes.
+STORAGE0 = VmSpec("storage-0", 1, drives=(Drive(256), Drive(256), Drive(768)), links=2)
+# storage-1: one drive for LVM volumes (the second half of a stripe, the restart scenario).
+STORAGE1 = VmSpec("storage-1", 2, drives=(Drive(512),), links=1)
+GPU0 = VmSpec("gpu-0", 3, links=2)
+
+
+@dataclass
+class Scenario:
+    """Times one scenario and adds its summary line to the run's report."""
+
+    name: str
+    lines: list[str]
+    begin: float = 0.0
+
+    def done(self, result: str) -> None:
+        self.lines.append(f"{self.name}: {result} ({time.monotonic() - self.begin:.1f} s wall)")
+
+
+def sh(lab: Lab, vm: str, script: str, timeout: float = 300, check: bool = True) -> str:
+    """Runs a script in a VM with the lab's shell helpers loaded; its output."""
+    return lab.exec(vm, f"set -e\nsource {LIB}\n{script}", timeout=timeout, check=check).output
+
+
+def retry_after_guest_panic(lab: Lab, attempt: Callable[[], T], culprit: str) -> tuple[T, str]:
+    """Runs attempt; if a VM's emulated kernel panics in `culprit` (seen rarely with
+    rdma_rxe under TCG: a NULL dereference in net_rx_action, a bug of the guest kernel, not
+    of FlashMesh), boots that VM again and runs attempt once more. Returns its result and a
+    note for the summary line, so a retry is never silent."""
+    try:
+        return attempt(), ""
+    except VmDied as died:
+        if "Kernel panic" not in str(died) or culprit not in str(died):
+            raise
+        lab.revive()
+        return attempt(), f"; {died.vm}'s kernel panicked in {culprit}, retried once"
+
+
+def fio_result(output: str) -> dict[str, Any]:
+    """fio's JSON (the output may start with other lines)."""
+    job: dict[str, Any] = json.loads(output[output.index("{") :])["jobs"][0]
+    return job
+
+
+def assert_verified(job: dict[str, Any], size: int) -> None:
+    """Every byte written was read back and matched its checksum."""
+    assert job["error"] == 0, job
+    assert job["write"]["io_bytes"] == size, job["write"]
+    assert job["read"]["io_bytes"] == size, job["read"]  # the verify pass
