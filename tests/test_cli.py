@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flashmesh import cli
@@ -13,10 +15,13 @@ def test_unbuilt_subcommands_say_so_and_fail(
     assert "not built yet" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("action", ["up", "down", "status", "exec"])
-def test_the_vm_lab_is_not_built_yet(action: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["lab", action]) == cli.NOT_BUILT
-    assert "VM lab is not built yet" in capsys.readouterr().err
+def test_vm_lab_commands_on_a_folder_with_no_lab(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["lab", "status", "--dir", str(tmp_path)]) == 1
+    assert "no lab in" in capsys.readouterr().out
+    assert cli.main(["lab", "down", "--dir", str(tmp_path)]) == 0  # nothing to do is fine
+    assert cli.main(["lab", "exec", "--dir", str(tmp_path), "gpu-0", "--", "true"]) == 1
 
 
 def test_an_unknown_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -57,9 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = lab_sub.add_parser("demo", help="bring up the local cluster, install FlashMesh, show it")
     demo.add_argument("--dir", help="the cluster's folder (default: in the lab cache)")
 
-    for name in ("up", "down", "status", "exec"):
-        p = lab_sub.add_parser(name, help=f"VM lab: {name} (not built yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    up = lab_sub.add_parser("up", help="boot the VM lab: storage and GPU VMs on Debian's kernel")
+    up.add_argument("--storage", type=int, default=2, help="storage VMs (default 2)")
+    up.add_argument("--gpus", type=int, default=1, help="GPU VMs (default 1)")
+    for name, text in (
+        ("down", "stop every VM and remove the lab"),
+        ("status", "list the VMs, their addresses and host NQNs"),
+    ):
+        lab_sub.add_parser(name, help=text)
+    run = lab_sub.add_parser("exec", help="run a shell command in a VM")
+    run.add_argument("vm")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    run.add_argument("--timeout", type=float, default=300)
+    for p in lab_sub.choices.values():
+        if p is not cluster and p is not demo:
+            p.add_argument("--dir", help="the lab's folder (default: in the lab cache)")
     return parser
 
 

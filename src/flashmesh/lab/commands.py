@@ -10,6 +10,8 @@ from flashmesh.lab.binaries import cache_dir
 from flashmesh.lab.cluster import STATE_FILE, ClusterError, LocalCluster, node_is_ready
 from flashmesh.lab.crds import apply_examples, install_crds
 from flashmesh.lab.progress import say
+from flashmesh.lab.vm import STATE_FILE as LAB_STATE
+from flashmesh.lab.vm import Drive, Lab, LabError, VmSpec, host_nqn
 
 DEMO_STORAGE_NODES = 3
 DEMO_GPU_NODES = 2
@@ -25,11 +27,10 @@ def run(args: argparse.Namespace) -> int:
             return _cluster(args)
         if args.lab_command == "demo":
             return demo(Path(args.dir) if args.dir else default_dir())
-    except ClusterError as exc:
+        return _vm_lab(args)
+    except (ClusterError, LabError) as exc:
         print(f"flashmesh lab: {exc}", file=sys.stderr)
         return 1
-    print(f"flashmesh lab {args.lab_command}: the VM lab is not built yet", file=sys.stderr)
-    return 3
 
 
 def _running(workdir: Path) -> LocalCluster | None:
@@ -124,3 +125,60 @@ def demo(workdir: Path) -> int:
         "Stop it with: flashmesh lab cluster down"
     )
     return 0
+
+
+# --- the VM lab -------------------------------------------------------------------------
+
+
+def default_lab_dir() -> Path:
+    return cache_dir() / "lab" / "vms"
+
+
+def lab_specs(storage: int, gpus: int) -> list[VmSpec]:
+    """Storage VMs storage-0.. with one 1 GiB emulated NVMe drive each, and GPU VMs gpu-0..
+    with room for FlashMesh's Python components; all on both of the lab's links."""
+    specs = [VmSpec(f"storage-{i}", 1 + i, drives=(Drive(1024),), links=2) for i in range(storage)]
+    specs += [VmSpec(f"gpu-{i}", 101 + i, memory_mib=512, links=2) for i in range(gpus)]
+    return specs
+
+
+def _vm_lab(args: argparse.Namespace) -> int:
+    workdir = Path(args.dir) if args.dir else default_lab_dir()
+    running = (workdir / LAB_STATE).exists()
+    if args.lab_command == "up":
+        if running:
+            say(f"a lab already runs in {workdir}: see flashmesh lab status")
+            return 0
+        lab = Lab(workdir, die_with_parent=False)
+        try:
+            lab.up(lab_specs(args.storage, args.gpus))
+        except BaseException:
+            lab.down()
+            raise
+        return lab_status(lab)
+    if not running:
+        print(f"no lab in {workdir} (start one with: flashmesh lab up)")
+        return 0 if args.lab_command == "down" else 1
+    lab = Lab.load(workdir)
+    if args.lab_command == "down":
+        lab.down()
+        left = lab.leftovers()
+        say("lab stopped: VMs, taps, namespace and folder removed" if not left else f"left: {left}")
+        return 0 if not left else 1
+    if args.lab_command == "status":
+        return lab_status(lab)
+    command = " ".join(args.command).removeprefix("-- ")
+    result = lab.exec(args.vm, command, timeout=args.timeout, check=False)
+    print(result.output, end="")
+    return result.rc
+
+
+def lab_status(lab: Lab) -> int:
+    print(f"{'VM':<12} {'STATE':<8} {'ADDRESSES':<24} HOST NQN")
+    for name, alive in lab.vms().items():
+        spec = lab.spec(name)
+        addresses = ",".join(spec.address(link) for link in range(spec.links))
+        state = "running" if alive else "STOPPED"
+        print(f"{name:<12} {state:<8} {addresses:<24} {host_nqn(name)}")
+    print(f"namespace {lab.net.name} (run a shell there: ip netns exec {lab.net.name} bash)")
+    return 0 if all(lab.vms().values()) else 1

@@ -12,22 +12,23 @@ VM killed and started again comes back as the same node with the same data.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import json
 import os
 import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flashmesh.lab import kernel as kernels
 from flashmesh.lab import processes
-from flashmesh.lab.netns import LabNetwork, bridge_address, vm_address
+from flashmesh.lab.netns import LabNetwork, bridge_address, tap_name, vm_address
 from flashmesh.lab.progress import say
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 STAGE2 = kernels.GUEST / "init-stage2"
+STATE_FILE = "lab.json"
 _LAB_UUID_NAMESPACE = uuid.UUID("4f0b3c52-6a5e-4e0c-9d1f-2f6a8e7b9c10")
 
 
@@ -83,8 +84,14 @@ class VmDied(LabError):
 @dataclass
 class _Vm:
     spec: VmSpec
+    pid: int | None = None
+    # Set when this process started the VM; a lab loaded from its state file has PIDs only.
     proc: subprocess.Popen[bytes] | None = None
-    started: float = 0.0
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and processes.is_ours(self.pid, QEMU)
 
 
 @dataclass
@@ -98,7 +105,6 @@ class Lab:
     links: int = 2
     die_with_parent: bool = True
     _vms: dict[str, _Vm] = field(default_factory=dict)
-    _jobs: itertools.count[int] = field(default_factory=itertools.count)
     _tap_names: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -108,6 +114,36 @@ class Lab:
             self.network = LabNetwork(self.links, name=f"fmlab-{os.getpid()}-{id(self):x}")
         self.net: LabNetwork = self.network
         self.kernel = kernels.ensure()
+
+    # --- saved state, for `flashmesh lab` commands that outlive one process --------------
+
+    def save(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "network": self.net.name,
+            "links": self.net.links,
+            "owns_network": self.owns_network,
+            "vms": [{**asdict(vm.spec), "pid": vm.pid} for vm in self._vms.values()],
+        }
+        (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def load(cls, workdir: Path) -> Lab:
+        state = json.loads((workdir / STATE_FILE).read_text())
+        network = LabNetwork(state["links"], name=state["network"])
+        lab = cls(workdir, network=network, die_with_parent=False)
+        lab.owns_network = state["owns_network"]
+        for entry in state["vms"]:
+            pid = entry.pop("pid")
+            entry["drives"] = tuple(Drive(**d) for d in entry["drives"])
+            spec = VmSpec(**entry)
+            lab._vms[spec.name] = _Vm(spec, pid)
+            lab._tap_names.update(tap_name(spec.index, link) for link in range(spec.links))
+        return lab
+
+    def vms(self) -> dict[str, bool]:
+        """Each VM's name and whether it runs."""
+        return {name: vm.alive() for name, vm in self._vms.items()}
 
     def __enter__(self) -> Lab:
         return self
@@ -138,16 +174,17 @@ class Lab:
         argv = ["ip", "netns", "exec", self.net.name, *self._qemu_argv(spec)]
         vm = self._vms.setdefault(spec.name, _Vm(spec))
         vm.spec = spec
-        vm.started = time.monotonic()
         vm.proc = processes.spawn(argv, self.console(spec.name), self.die_with_parent)
+        vm.pid = vm.proc.pid
+        self.save()
         say(f"booting {spec.name} ({spec.memory_mib} MiB, {len(spec.drives)} drive(s))")
 
     def wait_ready(self, name: str, timeout: float = 300) -> None:
         vm = self._vm(name)
 
         def ready() -> bool:
-            if vm.proc is not None and vm.proc.poll() is not None:
-                raise LabError(f"{name} exited with {vm.proc.returncode}:\n{self._tail(name)}")
+            if not vm.alive():
+                raise LabError(f"{name} exited:\n{self._tail(name)}")
             return (self.run_dir(name) / "ready").exists()
 
         if not processes.wait_until(ready, timeout, interval=0.2):
@@ -156,9 +193,12 @@ class Lab:
     def kill(self, name: str) -> None:
         """Pulls the plug: SIGKILL, no shutdown. Drives and identity stay for a restart."""
         vm = self._vm(name)
-        if vm.proc is not None and vm.proc.poll() is None:
-            vm.proc.kill()
-            vm.proc.wait()
+        if vm.proc is not None:
+            if vm.proc.poll() is None:
+                vm.proc.kill()
+                vm.proc.wait()
+        elif vm.pid is not None:
+            processes.stop(vm.pid, QEMU, timeout=0)
 
     def restart(self, name: str, timeout: float = 300) -> None:
         """Boots a VM again as the same node: same UUID, addresses and drive files."""
@@ -168,9 +208,7 @@ class Lab:
 
     def revive(self) -> list[str]:
         """Boots again every VM whose process has ended; their names."""
-        dead = [
-            n for n, vm in self._vms.items() if vm.proc is not None and vm.proc.poll() is not None
-        ]
+        dead = [name for name, vm in self._vms.items() if not vm.alive()]
         for name in dead:
             say(f"{name} is not running: booting it again")
             self.restart(name)
@@ -220,7 +258,7 @@ class Lab:
     def spawn(self, name: str, command: str) -> str:
         """Starts a bash script in the VM and returns its job id, for wait()."""
         self._vm(name)
-        job = f"job{next(self._jobs)}"
+        job = f"job-{uuid.uuid4().hex[:12]}"
         run = self.run_dir(name)
         (run / f"{job}.tmp").write_text(command + "\n")
         (run / f"{job}.tmp").rename(run / f"{job}.cmd")  # the agent only picks up whole files
@@ -232,7 +270,7 @@ class Lab:
         begin = time.monotonic()
 
         def finished() -> bool:
-            if vm.proc is not None and vm.proc.poll() is not None:
+            if not vm.alive():
                 raise VmDied(name, f"{name} died while running {job}:\n{self._tail(name)}")
             return (run / f"{job}.rc").exists()
 
