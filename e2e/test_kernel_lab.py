@@ -32,7 +32,8 @@ from flashmesh.lab.vm import Lab, VmDied, VmSpec, host_nqn
 
 pytestmark = pytest.mark.kernel
 
-NQN = "nqn.2026-11.dev.flashmesh:lab."
+# Not FlashMesh's NQN prefix: these hand-made exports are no business of its planner.
+NQN = "nqn.2026-11.dev.lab:"
 GPU = GPU0.name
 # nvmet ports on storage-0: TCP on each link, RDMA on link 0; storage-1: TCP on link 0.
 TCP0 = f"1 tcp {STORAGE0.address(0)} 4420"

@@ -24,6 +24,10 @@ def unique(name: str) -> str:
     return f"{name}-{next(_names)}"
 
 
+def seg(index: int, replica: int, node: str, size: str = "10Gi") -> dict[str, Any]:
+    return {"index": index, "replica": replica, "node": node, "size": size}
+
+
 def pool(**spec: Any) -> dict[str, Any]:
     base = {"nodeSelector": {"matchLabels": {"flashmesh.dev/storage": "true"}}}
     return {
@@ -41,8 +45,8 @@ def volume(**spec: Any) -> dict[str, Any]:
         "size": "20Gi",
         "layout": {"stripeWidth": 2, "replicas": 1},
         "segments": [
-            {"index": 0, "replica": 0, "node": "storage-0", "size": "10Gi"},
-            {"index": 1, "replica": 0, "node": "storage-1", "size": "10Gi"},
+            seg(0, 0, "storage-0"),
+            seg(1, 0, "storage-1"),
         ],
     }
     return {
@@ -247,8 +251,8 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
         "segment index beyond the stripe width",
         volume(
             segments=[
-                {"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
-                {"index": 2, "replica": 0, "node": "b", "size": "10Gi"},
+                seg(0, 0, "a"),
+                seg(2, 0, "b"),
             ]
         ),
         "spec.segments",
@@ -256,7 +260,7 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     (
         "too few segments",
-        volume(segments=[{"index": 0, "replica": 0, "node": "a", "size": "10Gi"}]),
+        volume(segments=[seg(0, 0, "a")]),
         "spec.segments",
         "exactly stripeWidth x replicas segments",
     ),
@@ -264,8 +268,8 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
         "one stripe set on one node",
         volume(
             segments=[
-                {"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
-                {"index": 1, "replica": 0, "node": "a", "size": "10Gi"},
+                seg(0, 0, "a"),
+                seg(1, 0, "a"),
             ]
         ),
         "spec.segments",
@@ -276,8 +280,8 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
         volume(
             layout={"stripeWidth": 1, "replicas": 2},
             segments=[
-                {"index": 0, "replica": 0, "node": "a", "size": "20Gi"},
-                {"index": 0, "replica": 1, "node": "a", "size": "20Gi"},
+                seg(0, 0, "a", "20Gi"),
+                seg(0, 1, "a", "20Gi"),
             ],
         ),
         "spec.segments",
@@ -300,8 +304,8 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
         "segment list with one identity twice",
         volume(
             segments=[
-                {"index": 0, "replica": 0, "node": "a", "size": "10Gi"},
-                {"index": 0, "replica": 0, "node": "b", "size": "10Gi"},
+                seg(0, 0, "a"),
+                seg(0, 0, "b"),
             ]
         ),
         "spec.segments[1]",
@@ -370,8 +374,8 @@ def move_without_rebuild(v: dict[str, Any]) -> None:
 
 def drop_segment(v: dict[str, Any]) -> None:
     v["spec"]["segments"] = [
-        {"index": 0, "replica": 0, "node": "storage-0", "size": "10Gi"},
-        {"index": 1, "replica": 1, "node": "storage-1", "size": "10Gi"},
+        seg(0, 0, "storage-0"),
+        seg(1, 1, "storage-1"),
     ]
 
 

@@ -85,7 +85,7 @@ lvm_volume() {
   fi
   vgchange -q -ay fmlab >/dev/null
   lvs fmlab/"$name" >/dev/null 2>&1 || lvcreate -q -y -n "$name" -L "$size" fmlab >/dev/null
-  echo "/dev/mapper/fmlab-$name"
+  echo "/dev/mapper/fmlab-${name//-/--}"  # device-mapper doubles the dashes in names
 }
 
 # path_states NQN: one line per path to the subsystem, "<target address>=<state>", sorted.

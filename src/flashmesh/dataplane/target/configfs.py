@@ -1,0 +1,163 @@
+"""Reading nvmet's configfs into the model, and applying a plan to it.
+
+Everything goes through a small file-system adapter rooted at the nvmet folder
+(/sys/kernel/config/nvmet on a node), so the same code runs against a temporary tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from flashmesh.dataplane.target.model import Host, Namespace, Port, Subsystem, Target
+from flashmesh.dataplane.target.planner import Action, subsystem_path
+
+log = logging.getLogger(__name__)
+
+NVMET_ROOT = Path("/sys/kernel/config/nvmet")
+# nvmet's debugfs (kernel >= 6.9) lists each controller with its host NQN; writing "fatal"
+# to its state ends that one controller.
+NVMET_DEBUGFS = Path("/sys/kernel/debug/nvmet")
+
+
+class ConfigfsError(RuntimeError):
+    def __init__(self, action: Action, error: OSError) -> None:
+        super().__init__(f"{action}: {error.strerror or error}")
+        self.action = action
+        self.errno = error.errno
+
+
+class Fs:
+    """Plain file operations under a root; configfs itself supplies its semantics."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def mkdir(self, rel: str) -> None:
+        self.path(rel).mkdir()
+
+    def rmdir(self, rel: str) -> None:
+        self.path(rel).rmdir()
+
+    def write(self, rel: str, value: str) -> None:
+        with self.path(rel).open("w") as f:
+            f.write(value)
+
+    def link(self, rel: str, target_rel: str) -> None:
+        self.path(rel).symlink_to(self.path(target_rel))
+
+    def unlink(self, rel: str) -> None:
+        self.path(rel).unlink()
+
+    def read(self, rel: str) -> str | None:
+        with contextlib.suppress(OSError):
+            return self.path(rel).read_text().strip()
+        return None
+
+    def names(self, rel: str) -> list[str]:
+        with contextlib.suppress(OSError):
+            return sorted(os.listdir(self.path(rel)))
+        return []
+
+
+def observe(fs: Fs) -> Target:
+    """The whole nvmet tree as the model."""
+    target = Target()
+    for nqn in fs.names("subsystems"):
+        base = f"subsystems/{nqn}"
+        namespaces = {}
+        for nsid in fs.names(f"{base}/namespaces"):
+            ns = f"{base}/namespaces/{nsid}"
+            namespaces[int(nsid)] = Namespace(
+                nsid=int(nsid),
+                device_path=_null(fs.read(f"{ns}/device_path")),
+                device_uuid=fs.read(f"{ns}/device_uuid") or "",
+                device_nguid=fs.read(f"{ns}/device_nguid") or "",
+                ana_grpid=int(fs.read(f"{ns}/ana_grpid") or 1),
+                enable=fs.read(f"{ns}/enable") == "1",
+            )
+        target.subsystems[nqn] = Subsystem(
+            nqn=nqn,
+            serial=fs.read(f"{base}/attr_serial") or "",
+            allow_any_host=fs.read(f"{base}/attr_allow_any_host") == "1",
+            allowed_hosts=frozenset(fs.names(f"{base}/allowed_hosts")),
+            namespaces=namespaces,
+        )
+    for port_id in fs.names("ports"):
+        base = f"ports/{port_id}"
+        target.ports[int(port_id)] = Port(
+            port_id=int(port_id),
+            trtype=fs.read(f"{base}/addr_trtype") or "",
+            traddr=fs.read(f"{base}/addr_traddr") or "",
+            trsvcid=fs.read(f"{base}/addr_trsvcid") or "",
+            adrfam=fs.read(f"{base}/addr_adrfam") or "",
+            subsystems=frozenset(fs.names(f"{base}/subsystems")),
+            ana_states={
+                int(g): fs.read(f"{base}/ana_groups/{g}/ana_state") or ""
+                for g in fs.names(f"{base}/ana_groups")
+            },
+        )
+    for nqn in fs.names("hosts"):
+        target.hosts[nqn] = Host(
+            nqn=nqn,
+            dhchap_key=_null(fs.read(f"hosts/{nqn}/dhchap_key")) or None,
+            dhchap_ctrl_key=_null(fs.read(f"hosts/{nqn}/dhchap_ctrl_key")) or None,
+        )
+    return target
+
+
+def _null(value: str | None) -> str:
+    return "" if value in (None, "(null)") else str(value)
+
+
+def apply(fs: Fs, actions: list[Action], debugfs: Path = NVMET_DEBUGFS) -> None:
+    """Applies a plan in order; stops at the first refusal, naming the operation. What was
+    applied stays: the next plan starts from there."""
+    for action in actions:
+        log.info("nvmet: %s", action)
+        try:
+            if action.op == "mkdir":
+                fs.mkdir(action.path)
+            elif action.op == "rmdir":
+                fs.rmdir(action.path)
+            elif action.op == "write":
+                fs.write(action.path, action.value)
+            elif action.op == "link":
+                fs.link(action.path, action.value)
+            elif action.op == "unlink":
+                fs.unlink(action.path)
+            else:
+                disconnect(fs, action.path.removeprefix("subsystems/"), action.value, debugfs)
+        except OSError as exc:
+            raise ConfigfsError(action, exc) from exc
+
+
+def disconnect(fs: Fs, nqn: str, host: str, debugfs: Path = NVMET_DEBUGFS) -> str:
+    """Ends a host's live controllers on a subsystem; says how.
+
+    With nvmet's debugfs, each of the host's controllers gets a fatal error and goes away
+    alone. Without it, the subsystem is unlinked from its ports and linked again, which
+    drops every controller of that subsystem; the hosts still allowed reconnect by
+    themselves (within their reconnect delay), the removed one is refused."""
+    controllers = debugfs / nqn
+    if controllers.is_dir():
+        ended = 0
+        for ctrl in sorted(controllers.glob("ctrl*")):
+            hostnqn = ctrl / "hostnqn"
+            if hostnqn.exists() and hostnqn.read_text().strip() == host:
+                (ctrl / "state").write_text("fatal")
+                ended += 1
+        return f"ended {ended} controller(s) of {host} through debugfs"
+    relinked = 0
+    for port_id in fs.names("ports"):
+        link = f"ports/{port_id}/subsystems/{nqn}"
+        if fs.path(link).is_symlink():
+            fs.unlink(link)
+            fs.link(link, subsystem_path(nqn))
+            relinked += 1
+    return f"relinked {nqn} on {relinked} port(s) to drop {host}"

@@ -1,0 +1,225 @@
+"""From the tree nvmet has (observed) to the one FlashMesh wants (desired): a pure plan of
+configfs operations in an order the kernel accepts.
+
+The kernel's rules, and where the plan keeps them:
+- A namespace's attributes change only while it is disabled: disable, write, enable.
+- attr_allow_any_host=1 is refused while allowed_hosts holds links, and links are refused
+  while it is 1: unlink stale hosts, then write the flag, then link new hosts.
+- A subsystem linked from a port cannot be removed: unlink it from every port first.
+- A subsystem with namespaces cannot be removed: disable and remove them first.
+- A port's address is fixed while subsystems are linked to it: unlink, write, link again.
+- A host entry linked from a subsystem cannot be removed: unlink it everywhere first.
+- A port with ANA groups of its own (beyond group 1) cannot be removed: remove them first.
+The kernel checks allowed hosts only when a host connects, so removing a host from a
+subsystem also disconnects the host's live controllers (the `disconnect` operation).
+
+Only FlashMesh's own subsystems (by NQN prefix) and ports (by id range) are changed;
+anything else found in the tree is left as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from flashmesh.core.naming import is_flashmesh_nqn
+from flashmesh.dataplane.target.model import PORT_ID_BASE, Host, Port, Subsystem, Target
+
+Op = Literal["mkdir", "rmdir", "write", "link", "unlink", "disconnect"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One configfs operation; paths are relative to the nvmet root. For `link` the value
+    is the target's path; for `disconnect` the path is the subsystem and the value the host."""
+
+    op: Op
+    path: str
+    value: str = ""
+    secret: bool = False
+
+    def __str__(self) -> str:
+        value = "<redacted>" if self.secret else self.value
+        return f"{self.op} {self.path}" + (f" = {value}" if value else "")
+
+
+def subsystem_path(nqn: str) -> str:
+    return f"subsystems/{nqn}"
+
+
+def namespace_path(nqn: str, nsid: int) -> str:
+    return f"subsystems/{nqn}/namespaces/{nsid}"
+
+
+def port_path(port_id: int) -> str:
+    return f"ports/{port_id}"
+
+
+def host_path(nqn: str) -> str:
+    return f"hosts/{nqn}"
+
+
+def plan(desired: Target, observed: Target) -> list[Action]:
+    for port_id in desired.ports:
+        if port_id < PORT_ID_BASE:
+            raise ValueError(f"port {port_id}: FlashMesh's ports have ids from {PORT_ID_BASE}")
+    for nqn in desired.subsystems:
+        if not is_flashmesh_nqn(nqn):
+            raise ValueError(f"subsystem {nqn}: FlashMesh manages only its own NQNs")
+    actions: list[Action] = []
+    actions += _unlink_ports(desired, observed)
+    actions += _remove_subsystems(desired, observed)
+    actions += _write_hosts(desired, observed)
+    for nqn in sorted(desired.subsystems):
+        actions += _subsystem(desired.subsystems[nqn], observed.subsystems.get(nqn))
+    actions += _ports(desired, observed)
+    actions += _remove_hosts(desired, observed)
+    return actions
+
+
+def _address_changes(want: Port, have: Port) -> dict[str, str]:
+    current = have.address()
+    return {k: v for k, v in want.address().items() if current[k] != v}
+
+
+def _unlink_ports(desired: Target, observed: Target) -> list[Action]:
+    """Links that must go before anything else changes: FlashMesh subsystems no longer
+    wanted on a port, and every link of a FlashMesh port whose address changes."""
+    actions = []
+    for port_id in sorted(observed.ports):
+        have = observed.ports[port_id]
+        want = desired.ports.get(port_id)
+        ours = port_id >= PORT_ID_BASE
+        readdress = want is not None and bool(_address_changes(want, have))
+        for nqn in sorted(have.subsystems):
+            wanted = want is not None and nqn in want.subsystems and nqn in desired.subsystems
+            if (is_flashmesh_nqn(nqn) or ours) and (readdress or not wanted):
+                actions.append(Action("unlink", f"{port_path(port_id)}/subsystems/{nqn}"))
+    return actions
+
+
+def _remove_subsystems(desired: Target, observed: Target) -> list[Action]:
+    actions = []
+    for nqn in sorted(observed.subsystems):
+        if not is_flashmesh_nqn(nqn) or nqn in desired.subsystems:
+            continue
+        have = observed.subsystems[nqn]
+        for host in sorted(have.allowed_hosts):
+            actions.append(Action("unlink", f"{subsystem_path(nqn)}/allowed_hosts/{host}"))
+        for nsid in sorted(have.namespaces):
+            if have.namespaces[nsid].enable:
+                actions.append(Action("write", f"{namespace_path(nqn, nsid)}/enable", "0"))
+            actions.append(Action("rmdir", namespace_path(nqn, nsid)))
+        actions.append(Action("rmdir", subsystem_path(nqn)))
+    return actions
+
+
+def _write_hosts(desired: Target, observed: Target) -> list[Action]:
+    actions = []
+    for nqn in sorted(desired.hosts):
+        want, have = desired.hosts[nqn], observed.hosts.get(nqn)
+        if have is None:
+            actions.append(Action("mkdir", host_path(nqn)))
+            have = Host(nqn)
+        for attr in ("dhchap_key", "dhchap_ctrl_key"):
+            value = getattr(want, attr)
+            if value is not None and value != getattr(have, attr):
+                actions.append(Action("write", f"{host_path(nqn)}/{attr}", value, secret=True))
+    return actions
+
+
+def _subsystem(want: Subsystem, have: Subsystem | None) -> list[Action]:
+    path = subsystem_path(want.nqn)
+    actions = []
+    if have is None:
+        actions.append(Action("mkdir", path))
+        have = Subsystem(want.nqn)  # the kernel's defaults
+    if want.serial and want.serial != have.serial:
+        actions.append(Action("write", f"{path}/attr_serial", want.serial))
+
+    keep = frozenset() if want.allow_any_host else want.allowed_hosts
+    for host in sorted(have.allowed_hosts - keep):
+        actions.append(Action("unlink", f"{path}/allowed_hosts/{host}"))
+        actions.append(Action("disconnect", path, host))
+    if want.allow_any_host != have.allow_any_host:
+        actions.append(
+            Action("write", f"{path}/attr_allow_any_host", str(int(want.allow_any_host)))
+        )
+
+    for nsid in sorted(have.namespaces.keys() - want.namespaces.keys()):
+        if have.namespaces[nsid].enable:
+            actions.append(Action("write", f"{namespace_path(want.nqn, nsid)}/enable", "0"))
+        actions.append(Action("rmdir", namespace_path(want.nqn, nsid)))
+    for nsid in sorted(want.namespaces):
+        ns_path = namespace_path(want.nqn, nsid)
+        ns, old = want.namespaces[nsid], have.namespaces.get(nsid)
+        if old is None:
+            actions.append(Action("mkdir", ns_path))
+            changed = ns.attributes()
+            enabled = False
+        else:
+            changed = {k: v for k, v in ns.attributes().items() if old.attributes()[k] != v}
+            enabled = old.enable
+        if changed and enabled:
+            actions.append(Action("write", f"{ns_path}/enable", "0"))
+            enabled = False
+        actions += [Action("write", f"{ns_path}/{k}", v) for k, v in changed.items()]
+        if ns.enable and not enabled:
+            actions.append(Action("write", f"{ns_path}/enable", "1"))
+        elif not ns.enable and enabled:
+            actions.append(Action("write", f"{ns_path}/enable", "0"))
+
+    for host in sorted(keep - have.allowed_hosts):
+        actions.append(Action("link", f"{path}/allowed_hosts/{host}", host_path(host)))
+    return actions
+
+
+def _ports(desired: Target, observed: Target) -> list[Action]:
+    actions = []
+    for port_id in sorted(desired.ports):
+        want, have = desired.ports[port_id], observed.ports.get(port_id)
+        path = port_path(port_id)
+        linked: frozenset[str] = frozenset()
+        if have is None:
+            actions.append(Action("mkdir", path))
+            changes = want.address()
+        else:
+            changes = _address_changes(want, have)
+            if not changes:  # its links stayed, but those unlinked above
+                linked = frozenset(n for n in have.subsystems if n in want.subsystems)
+        actions += [Action("write", f"{path}/{k}", v) for k, v in changes.items()]
+        old_states = have.ana_states if have else {1: "optimized"}
+        for grpid in sorted(old_states.keys() - want.ana_states.keys() - {1}):
+            actions.append(Action("rmdir", f"{path}/ana_groups/{grpid}"))
+        for grpid in sorted(want.ana_states):
+            if grpid not in old_states:
+                actions.append(Action("mkdir", f"{path}/ana_groups/{grpid}"))
+            if old_states.get(grpid) != want.ana_states[grpid]:
+                state = want.ana_states[grpid]
+                actions.append(Action("write", f"{path}/ana_groups/{grpid}/ana_state", state))
+        for nqn in sorted(want.subsystems - linked):
+            if nqn in desired.subsystems:
+                target = subsystem_path(nqn)
+                actions.append(Action("link", f"{path}/subsystems/{nqn}", target))
+    for port_id in sorted(observed.ports.keys() - desired.ports.keys()):
+        if port_id >= PORT_ID_BASE:
+            for grpid in sorted(observed.ports[port_id].ana_states.keys() - {1}):
+                actions.append(Action("rmdir", f"{port_path(port_id)}/ana_groups/{grpid}"))
+            actions.append(Action("rmdir", port_path(port_id)))
+    return actions
+
+
+def _remove_hosts(desired: Target, observed: Target) -> list[Action]:
+    """Host entries nobody links any more and FlashMesh no longer wants: their keys go too."""
+    still_linked = {
+        host
+        for nqn, sub in observed.subsystems.items()
+        if not is_flashmesh_nqn(nqn)
+        for host in sub.allowed_hosts
+    }
+    for sub in desired.subsystems.values():
+        still_linked |= sub.allowed_hosts
+    return [
+        Action("rmdir", host_path(nqn))
+        for nqn in sorted(observed.hosts.keys() - desired.hosts.keys() - still_linked)
+    ]

@@ -1,0 +1,237 @@
+"""The nvmet planner: every ordering rule of the kernel, idempotency, convergence from a
+tree left half-made, and the writer and reader against a temporary tree (FakeNvmet)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fake_nvmet import FakeNvmet
+from flashmesh.core import naming
+from flashmesh.dataplane.target.configfs import ConfigfsError, apply, observe
+from flashmesh.dataplane.target.model import PORT_ID_BASE, Host, Namespace, Port, Subsystem, Target
+from flashmesh.dataplane.target.planner import Action, plan
+
+NQN = naming.subsystem_nqn("fm-000000000001", 0, 0)
+NQN2 = naming.subsystem_nqn("fm-000000000002", 0, 0)
+FOREIGN = "nqn.2024-01.io.example:scratch"
+HOST_A = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001"
+HOST_B = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-4000-8000-000000000002"
+PORT = PORT_ID_BASE
+KEY = "DHHC-1:00:c2VjcmV0LWtleS1vbmUtZm9yLXRlc3RzLW9ubHkxMjM0NTY3OA==:"
+
+
+def namespace(device: str = "/dev/fm/a", nqn: str = NQN) -> Namespace:
+    return Namespace(1, device, naming.namespace_uuid(nqn), naming.namespace_nguid(nqn))
+
+
+def subsystem(nqn: str = NQN, hosts: tuple[str, ...] = (HOST_A,), **kw: object) -> Subsystem:
+    base = Subsystem(nqn, "fm000000000001s0r0", False, frozenset(hosts), {1: namespace(nqn=nqn)})
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def port(subsystems: tuple[str, ...] = (NQN,), port_id: int = PORT, **kw: object) -> Port:
+    base = Port(port_id, "tcp", "10.77.0.1", "4420", subsystems=frozenset(subsystems))
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def target(subs: list[Subsystem], ports: list[Port], hosts: tuple[str, ...] = (HOST_A,)) -> Target:
+    return Target(
+        {s.nqn: s for s in subs}, {p.port_id: p for p in ports}, {h: Host(h) for h in hosts}
+    )
+
+
+DESIRED = target([subsystem()], [port()])
+
+
+def index(actions: list[Action], op: str, path_end: str, value: str | None = None) -> int:
+    for i, a in enumerate(actions):
+        if a.op == op and a.path.endswith(path_end) and (value is None or a.value == value):
+            return i
+    raise AssertionError(f"no {op} {path_end} in {[str(a) for a in actions]}")
+
+
+def tree(tmp_path: Path, state: Target | None = None) -> FakeNvmet:
+    fs = FakeNvmet(tmp_path)
+    for d in ("subsystems", "ports", "hosts"):
+        (tmp_path / d).mkdir(parents=True)
+    if state is not None:
+        apply(fs, plan(state, Target()))
+    return fs
+
+
+def converge(fs: FakeNvmet, desired: Target) -> None:
+    apply(fs, plan(desired, observe(fs)))
+    assert plan(desired, observe(fs)) == [], "a second plan must have nothing to do"
+
+
+# --- ordering rules -----------------------------------------------------------------------
+
+
+def test_a_fresh_export_builds_bottom_up() -> None:
+    actions = plan(DESIRED, Target())
+    assert index(actions, "mkdir", f"hosts/{HOST_A}") < index(
+        actions, "link", f"allowed_hosts/{HOST_A}"
+    )
+    assert index(actions, "mkdir", f"subsystems/{NQN}") < index(actions, "write", "attr_serial")
+    # namespace attributes before enable; the port links the subsystem last
+    assert index(actions, "write", "namespaces/1/device_uuid") < index(
+        actions, "write", "enable", "1"
+    )
+    assert index(actions, "write", "namespaces/1/device_nguid") < index(
+        actions, "write", "enable", "1"
+    )
+    assert index(actions, "write", "addr_traddr") < index(
+        actions, "link", f"{PORT}/subsystems/{NQN}"
+    )
+    assert index(actions, "write", "enable", "1") < index(
+        actions, "link", f"{PORT}/subsystems/{NQN}"
+    )
+
+
+def test_namespace_attributes_change_only_while_disabled() -> None:
+    moved = target([subsystem(namespaces={1: namespace("/dev/fm/b")})], [port()])
+    actions = plan(moved, DESIRED)
+    assert [str(a) for a in actions] == [
+        f"write subsystems/{NQN}/namespaces/1/enable = 0",
+        f"write subsystems/{NQN}/namespaces/1/device_path = /dev/fm/b",
+        f"write subsystems/{NQN}/namespaces/1/enable = 1",
+    ]
+
+
+def test_stale_hosts_are_unlinked_and_cut_off_before_allowing_any_host() -> None:
+    actions = plan(target([subsystem(hosts=(), allow_any_host=True)], [port()], hosts=()), DESIRED)
+    unlink = index(actions, "unlink", f"allowed_hosts/{HOST_A}")
+    assert actions[unlink + 1] == Action("disconnect", f"subsystems/{NQN}", HOST_A)
+    assert unlink < index(actions, "write", "attr_allow_any_host", "1")
+    assert index(actions, "rmdir", f"hosts/{HOST_A}") > unlink
+
+
+def test_the_flag_is_cleared_before_hosts_are_linked() -> None:
+    any_host = target([subsystem(hosts=(), allow_any_host=True)], [port()], hosts=())
+    actions = plan(DESIRED, any_host)
+    assert index(actions, "write", "attr_allow_any_host", "0") < index(
+        actions, "link", f"allowed_hosts/{HOST_A}"
+    )
+
+
+def test_a_removed_host_loses_its_live_connections() -> None:
+    both = target([subsystem(hosts=(HOST_A, HOST_B))], [port()], hosts=(HOST_A, HOST_B))
+    actions = plan(DESIRED, both)
+    assert [str(a) for a in actions] == [
+        f"unlink subsystems/{NQN}/allowed_hosts/{HOST_B}",
+        f"disconnect subsystems/{NQN} = {HOST_B}",
+        f"rmdir hosts/{HOST_B}",
+    ]
+
+
+def test_a_subsystem_is_unlinked_from_ports_and_emptied_before_removal() -> None:
+    actions = plan(target([], [port(subsystems=())], hosts=()), DESIRED)
+    assert [str(a) for a in actions] == [
+        f"unlink ports/{PORT}/subsystems/{NQN}",
+        f"unlink subsystems/{NQN}/allowed_hosts/{HOST_A}",
+        f"write subsystems/{NQN}/namespaces/1/enable = 0",
+        f"rmdir subsystems/{NQN}/namespaces/1",
+        f"rmdir subsystems/{NQN}",
+        f"rmdir hosts/{HOST_A}",
+    ]
+
+
+def test_a_port_changes_address_only_with_no_subsystem_linked() -> None:
+    actions = plan(target([subsystem()], [port(traddr="10.77.1.1")]), DESIRED)
+    assert [str(a) for a in actions] == [
+        f"unlink ports/{PORT}/subsystems/{NQN}",
+        f"write ports/{PORT}/addr_traddr = 10.77.1.1",
+        f"link ports/{PORT}/subsystems/{NQN} = subsystems/{NQN}",
+    ]
+
+
+def test_ana_groups_are_made_and_set() -> None:
+    states = {1: "optimized", 2: "inaccessible"}
+    actions = plan(target([subsystem()], [port(ana_states=states)]), DESIRED)
+    assert [str(a) for a in actions] == [
+        f"mkdir ports/{PORT}/ana_groups/2",
+        f"write ports/{PORT}/ana_groups/2/ana_state = inaccessible",
+    ]
+
+
+def test_keys_are_written_and_rotated_but_never_shown() -> None:
+    keyed = Target(DESIRED.subsystems, DESIRED.ports, {HOST_A: Host(HOST_A, dhchap_key=KEY)})
+    actions = plan(keyed, DESIRED)
+    assert actions == [Action("write", f"hosts/{HOST_A}/dhchap_key", KEY, secret=True)]
+    assert KEY not in str(actions[0]) and "<redacted>" in str(actions[0])
+    rotated = Target(DESIRED.subsystems, DESIRED.ports, {HOST_A: Host(HOST_A, KEY + "x")})
+    assert [a.value for a in plan(rotated, keyed)] == [KEY + "x"]
+
+
+def test_what_is_not_flashmeshs_is_left_alone() -> None:
+    foreign_sub = Subsystem(FOREIGN, "x", True, frozenset(), {1: namespace("/dev/sdz")})
+    foreign_port = port(subsystems=(FOREIGN, NQN), port_id=1)
+    observed = target([foreign_sub, subsystem()], [foreign_port], hosts=(HOST_A, HOST_B))
+    actions = plan(target([], []), observed)
+    touched = {a.path for a in actions}
+    assert f"ports/1/subsystems/{NQN}" in touched  # our link on their port goes
+    assert not any(FOREIGN in path for path in touched)
+    assert "ports/1" not in touched
+
+
+def test_only_flashmesh_names_and_ports_can_be_desired() -> None:
+    with pytest.raises(ValueError, match="ids from"):
+        plan(target([subsystem()], [port(port_id=1)]), Target())
+    with pytest.raises(ValueError, match="only its own NQNs"):
+        plan(target([subsystem(nqn=FOREIGN)], []), Target())
+
+
+# --- the writer and reader against a temporary tree ------------------------------------
+
+
+def test_applying_a_plan_then_planning_again_has_nothing_to_do(tmp_path: Path) -> None:
+    fs = tree(tmp_path)
+    converge(fs, DESIRED)
+    seen = observe(fs)
+    assert seen.subsystems[NQN].namespaces[1].device_uuid == naming.namespace_uuid(NQN)
+    assert seen.ports[PORT].subsystems == {NQN}
+    assert (tmp_path / f"subsystems/{NQN}/allowed_hosts/{HOST_A}").is_symlink()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        target([subsystem(), subsystem(NQN2, hosts=())], [port(subsystems=(NQN, NQN2))]),
+        target([subsystem(hosts=(), allow_any_host=True)], [port()], hosts=()),
+        target([subsystem(namespaces={1: namespace("/dev/fm/b")})], [port(traddr="10.77.1.1")]),
+        target([subsystem(hosts=(HOST_B,))], [port()], hosts=(HOST_B,)),
+        target([subsystem()], [port(ana_states={1: "optimized", 2: "inaccessible"})]),
+        target([], []),
+    ],
+    ids=[
+        "add a subsystem",
+        "allow any host",
+        "move namespace and port",
+        "swap hosts",
+        "add an ANA group",
+        "remove all",
+    ],
+)
+def test_every_change_converges_on_the_fake_kernel(tmp_path: Path, change: Target) -> None:
+    fs = tree(tmp_path, DESIRED)
+    converge(fs, change)
+    converge(fs, target([], [], hosts=()))  # and everything can be taken away again
+    assert observe(fs) == Target()
+
+
+def test_a_tree_left_half_made_by_a_crash_converges(tmp_path: Path) -> None:
+    full = plan(DESIRED, Target())
+    for cut in range(len(full)):
+        fs = tree(tmp_path / f"cut{cut}")
+        apply(fs, full[:cut])  # the agent died here
+        converge(fs, DESIRED)
+
+
+def test_a_refusal_names_the_operation_and_stops(tmp_path: Path) -> None:
+    fs = tree(tmp_path, DESIRED)
+    bad = [Action("write", f"subsystems/{NQN}/namespaces/1/device_path", "/dev/x")]
+    with pytest.raises(ConfigfsError, match="device_path = /dev/x: Device or resource busy"):
+        apply(fs, bad)
