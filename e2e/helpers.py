@@ -15,8 +15,9 @@ LIB = GUEST / "lab-lib.sh"
 MIB = 1 << 20
 T = TypeVar("T")
 
-# storage-0: drive 0 for the TCP scenario, drive 1 for RDMA, drive 2 for LVM volumes.
-STORAGE0 = VmSpec("storage-0", 1, drives=(Drive(256), Drive(256), Drive(768)), links=2)
+# storage-0: drive 0 for the TCP scenario, drive 1 for RDMA, drive 2 for hand-made LVM
+# volumes, drive 3 for FlashMesh's own LVM layer.
+STORAGE0 = VmSpec("storage-0", 1, drives=(Drive(256), Drive(256), Drive(768), Drive(256)), links=2)
 # storage-1: one drive for LVM volumes (the second half of a stripe, the restart scenario),
 # throttled (at 200 MB/s, above what emulation reaches) so the option is exercised.
 STORAGE1 = VmSpec("storage-1", 2, drives=(Drive(512, bps=200 << 20),), links=1)

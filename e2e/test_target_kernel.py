@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import GPU0, STORAGE1, Scenario, sh
+from helpers import GPU0, STORAGE0, STORAGE1, Scenario, sh
 
 from flashmesh.lab.vm import Lab, host_nqn
 
@@ -45,3 +45,26 @@ def test_the_planner_converges_on_real_configfs(lab: Lab, scenario: Scenario) ->
         assert result["again"] == [], f"{name}: the kernel did not end where planned"
     assert not [p for p in left if "flashmesh" in p or p.startswith("ports/")], left
     scenario.done(f"{len(report)} states applied to real configfs, each converged in one pass")
+
+
+LVM_WALK = Path(__file__).resolve().parent / "guest" / "lvm_walk.py"
+
+
+def test_inventory_selection_and_thin_volumes_on_a_real_drive(lab: Lab, scenario: Scenario) -> None:
+    vm = STORAGE0.name
+    drive = sh(lab, vm, f"drive_by_serial {lab.drive_serial(vm, 3)}").strip()
+    hand_made = sh(lab, vm, f"drive_by_serial {lab.drive_serial(vm, 2)}").strip()
+    sh(lab, vm, f"lvm_volume {hand_made} scratch 8M")  # a volume group FlashMesh must not take
+    out = sh(lab, vm, f"{sys.executable} {LVM_WALK} {drive} flashmesh-e2e")
+    seen = json.loads(out[out.index("{") :])
+    assert seen["devices"][drive]["serial"] == lab.drive_serial(vm, 3)
+    assert seen["devices"][drive]["size"] == 256 << 20
+    assert drive in seen["selected"]
+    assert seen["refused"][hand_made] == "belongs to volume group fmlab: exclude it by path"
+    assert seen["pool"]["segtype"] == "thin-pool"
+    assert seen["sizes"] == [32 << 20, 48 << 20, 48 << 20]  # grown, never shrunk
+    assert seen["snapshot"] == {"origin": "fm-0000000000e2-s0r0", "active": True}
+    assert {"fm-0000000000e2-s0r0", "fs-0000000000e2-s0r0", "thin"} <= set(seen["listed"])
+    assert seen["removed"] == [True, True, False]
+    assert seen["left"] == ["thin"]
+    scenario.done("inventory, selection, VG, thin pool, grow, snapshot and removal on real LVM")

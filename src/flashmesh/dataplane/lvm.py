@@ -1,0 +1,231 @@
+"""LVM on a storage node: one volume group per pool over the drives it selected, a thin
+pool in it (so segments can be snapshotted and cloned at once, and new blocks are zeroed),
+and one thin logical volume per segment. State is read from lvm2's JSON reports; every
+operation is idempotent, so a restarted agent finds what it made and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from flashmesh.dataplane import process
+from flashmesh.dataplane.process import CommandError, Runner
+
+THIN_POOL = "thin"
+# The thin pool takes this share of the volume group; the rest leaves room for its
+# metadata to grow and for lvm2's spare metadata volume.
+THIN_POOL_SHARE = "95%FREE"
+_REPORT = ("--reportformat", "json", "--units", "b", "--nosuffix")
+
+
+class LvmError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PhysicalVolume:
+    path: str
+    volume_group: str
+    size: int
+
+
+@dataclass(frozen=True)
+class VolumeGroup:
+    name: str
+    size: int
+    free: int
+
+
+@dataclass(frozen=True)
+class LogicalVolume:
+    name: str
+    volume_group: str
+    size: int
+    attr: str
+    pool: str
+    origin: str
+    data_percent: float | None
+    metadata_percent: float | None
+    segtype: str
+
+    @property
+    def active(self) -> bool:
+        return len(self.attr) > 4 and self.attr[4] == "a"
+
+    @property
+    def device(self) -> str:
+        # The device-mapper name, which needs no udev-made /dev/<vg>/<lv> link.
+        vg, lv = self.volume_group.replace("-", "--"), self.name.replace("-", "--")
+        return f"/dev/mapper/{vg}-{lv}"
+
+
+def parse_report(text: str, kind: str) -> list[dict[str, str]]:
+    """The rows of an lvm2 JSON report (`kind` is pv, vg or lv)."""
+    rows: list[dict[str, str]] = []
+    for report in json.loads(text).get("report", []):
+        rows += report.get(kind, [])
+    return rows
+
+
+def _percent(value: str) -> float | None:
+    return float(value) if value else None
+
+
+def physical_volumes(text: str) -> list[PhysicalVolume]:
+    return [
+        PhysicalVolume(r["pv_name"], r["vg_name"], int(r["pv_size"]))
+        for r in parse_report(text, "pv")
+    ]
+
+
+def volume_groups(text: str) -> list[VolumeGroup]:
+    return [
+        VolumeGroup(r["vg_name"], int(r["vg_size"]), int(r["vg_free"]))
+        for r in parse_report(text, "vg")
+    ]
+
+
+def logical_volumes(text: str) -> list[LogicalVolume]:
+    return [
+        LogicalVolume(
+            name=r["lv_name"],
+            volume_group=r["vg_name"],
+            size=int(r["lv_size"]),
+            attr=r["lv_attr"],
+            pool=r["pool_lv"],
+            origin=r["origin"],
+            data_percent=_percent(r["data_percent"]),
+            metadata_percent=_percent(r["metadata_percent"]),
+            segtype=r["segtype"],
+        )
+        for r in parse_report(text, "lv")
+        if not r["lv_name"].startswith("[")  # lvm2's hidden internal volumes
+    ]
+
+
+class Lvm:
+    """lvm2 commands over an injected runner."""
+
+    def __init__(self, runner: Runner = process.run) -> None:
+        self.runner = runner
+
+    def _run(self, *argv: str) -> str:
+        try:
+            return process.check(self.runner, argv).stdout
+        except CommandError as exc:
+            raise LvmError(str(exc)) from exc
+
+    # --- reading ---------------------------------------------------------------------
+
+    def physical_volumes(self) -> list[PhysicalVolume]:
+        return physical_volumes(self._run("pvs", *_REPORT, "-o", "pv_name,vg_name,pv_size"))
+
+    def volume_group(self, vg: str) -> VolumeGroup | None:
+        out = self._run("vgs", *_REPORT, "-o", "vg_name,vg_size,vg_free")
+        return next((g for g in volume_groups(out) if g.name == vg), None)
+
+    def logical_volumes(self, vg: str) -> list[LogicalVolume]:
+        if self.volume_group(vg) is None:
+            return []
+        fields = (
+            "lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,metadata_percent,segtype"
+        )
+        return logical_volumes(self._run("lvs", *_REPORT, "-a", "-o", fields, vg))
+
+    def logical_volume(self, vg: str, name: str) -> LogicalVolume | None:
+        return next((lv for lv in self.logical_volumes(vg) if lv.name == name), None)
+
+    # --- the volume group and its thin pool ---------------------------------------------
+
+    def ensure_volume_group(self, vg: str, devices: list[str]) -> None:
+        """The volume group over these devices: made, or extended by new ones; activated."""
+        members = {pv.path for pv in self.physical_volumes() if pv.volume_group == vg}
+        new = [d for d in devices if d not in members]
+        if self.volume_group(vg) is None:
+            if not new:
+                raise LvmError(f"volume group {vg} needs at least one drive")
+            self._run("vgcreate", "--yes", vg, *new)
+        elif new:
+            self._run("vgextend", "--yes", vg, *new)
+        self._run("vgchange", "--activate", "y", vg)
+
+    def ensure_thin_pool(self, vg: str) -> LogicalVolume:
+        pool = self.logical_volume(vg, THIN_POOL)
+        if pool is None:
+            self._run(
+                "lvcreate",
+                "--yes",
+                "--type",
+                "thin-pool",
+                "--zero",
+                "y",
+                "--extents",
+                THIN_POOL_SHARE,
+                "--name",
+                THIN_POOL,
+                vg,
+            )
+            pool = self.logical_volume(vg, THIN_POOL)
+        if pool is None:
+            raise LvmError(f"thin pool {vg}/{THIN_POOL} missing after creation")
+        return pool
+
+    # --- segments ----------------------------------------------------------------------
+
+    def ensure_volume(self, vg: str, name: str, size: int) -> LogicalVolume:
+        """A thin volume of at least `size` bytes: made, or grown; never shrunk."""
+        lv = self.logical_volume(vg, name)
+        if lv is None:
+            self._run(
+                "lvcreate",
+                "--yes",
+                "--thin",
+                "--virtualsize",
+                f"{size}b",
+                "--name",
+                name,
+                f"{vg}/{THIN_POOL}",
+            )
+        elif lv.size < size:
+            self._run("lvextend", "--yes", "--size", f"{size}b", f"{vg}/{name}")
+        elif not lv.active:
+            self._run("lvchange", "--activate", "y", f"{vg}/{name}")
+        lv = self.logical_volume(vg, name)
+        if lv is None:
+            raise LvmError(f"{vg}/{name} missing after creation")
+        return lv
+
+    def ensure_snapshot(self, vg: str, origin: str, name: str) -> LogicalVolume:
+        """A thin snapshot of a volume, activated (thin snapshots skip activation by
+        default, -kn turns that off)."""
+        snap = self.logical_volume(vg, name)
+        if snap is None:
+            if self.logical_volume(vg, origin) is None:
+                raise LvmError(f"cannot snapshot {vg}/{origin}: it does not exist")
+            self._run(
+                "lvcreate",
+                "--yes",
+                "--snapshot",
+                "--setactivationskip",
+                "n",
+                "--name",
+                name,
+                f"{vg}/{origin}",
+            )
+            snap = self.logical_volume(vg, name)
+        if snap is None:
+            raise LvmError(f"{vg}/{name} missing after creation")
+        return snap
+
+    def remove_volume(self, vg: str, name: str) -> bool:
+        """Removes a volume; False when it was already gone."""
+        if self.logical_volume(vg, name) is None:
+            return False
+        self._run("lvremove", "--yes", f"{vg}/{name}")
+        return True
+
+    def allocated(self, vg: str) -> int:
+        """The virtual size of every thin volume in the pool: what the pool has promised,
+        which placement must keep within the pool's size."""
+        return sum(lv.size for lv in self.logical_volumes(vg) if lv.pool == THIN_POOL)

@@ -1,0 +1,126 @@
+"""LVM and drive inventory over recorded output (taken from lvm2 and lsblk in a lab VM) and
+a runner that records the commands it is asked to run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from flashmesh.dataplane import lvm
+from flashmesh.dataplane.inventory import inventory, parse_blkid, parse_lsblk
+from flashmesh.dataplane.process import Result
+
+DATA = Path(__file__).parent / "data"
+VG = "flashmesh-fast"
+
+
+class Recorder:
+    """Answers lvm2's report commands from recorded output; records every command."""
+
+    def __init__(self, **answers: str) -> None:
+        self.answers = answers
+        self.argv: list[tuple[str, ...]] = []
+
+    def __call__(self, argv: Sequence[str]) -> Result:
+        self.argv.append(tuple(argv))
+        out = self.answers.get(argv[0], "")
+        if argv[0] == "blkid":
+            out = self.answers.get(f"blkid {argv[-1]}", "")
+            return Result(tuple(argv), 0 if out else 2, out, "")
+        return Result(tuple(argv), 0, out, "")
+
+    def changes(self) -> list[str]:
+        readers = {"pvs", "vgs", "lvs", "lsblk", "blkid"}
+        return [" ".join(a) for a in self.argv if a[0] not in readers]
+
+
+def recorded(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+def lvm_with_state() -> tuple[lvm.Lvm, Recorder]:
+    rec = Recorder(pvs=recorded("pvs.json"), vgs=recorded("vgs.json"), lvs=recorded("lvs.json"))
+    return lvm.Lvm(rec), rec
+
+
+def test_reports_parse_into_volumes_without_lvm2s_hidden_ones() -> None:
+    lvs = lvm.logical_volumes(recorded("lvs.json"))
+    assert [lv.name for lv in lvs] == ["fm-000000000001-s0r0", "fs-000000000009-s0r0", "thin"]
+    pool = lvs[2]
+    assert (pool.segtype, pool.data_percent, pool.metadata_percent) == ("thin-pool", 8.0, 10.94)
+    snap = lvs[1]
+    assert snap.origin == "fm-000000000001-s0r0" and snap.active
+    assert snap.device == "/dev/mapper/flashmesh--fast-fs--000000000009--s0r0"
+    (group,) = lvm.volume_groups(recorded("vgs.json"))
+    assert (group.size, group.free) == (130023424, 16777216)
+
+
+def test_existing_volumes_are_left_as_they_are() -> None:
+    tool, rec = lvm_with_state()
+    tool.ensure_volume_group(VG, ["/dev/nvme1n1"])
+    tool.ensure_thin_pool(VG)
+    tool.ensure_volume(VG, "fm-000000000001-s0r0", 64 << 20)
+    tool.ensure_snapshot(VG, "fm-000000000001-s0r0", "fs-000000000009-s0r0")
+    assert rec.changes() == [f"vgchange --activate y {VG}"]
+
+
+def test_a_volume_grows_but_never_shrinks() -> None:
+    tool, rec = lvm_with_state()
+    tool.ensure_volume(VG, "fm-000000000001-s0r0", 128 << 20)
+    tool.ensure_volume(VG, "fm-000000000001-s0r0", 32 << 20)
+    assert rec.changes() == [f"lvextend --yes --size {128 << 20}b {VG}/fm-000000000001-s0r0"]
+
+
+def test_new_volumes_are_thin_and_snapshots_activate() -> None:
+    tool, rec = lvm_with_state()
+    with pytest.raises(lvm.LvmError, match="missing after creation"):
+        tool.ensure_volume(VG, "fm-000000000002-s0r0", 1 << 30)  # the recording never changes
+    with pytest.raises(lvm.LvmError, match="missing after creation"):
+        tool.ensure_snapshot(VG, "fm-000000000001-s0r0", "fs-00000000000a-s0r0")
+    assert rec.changes() == [
+        f"lvcreate --yes --thin --virtualsize {1 << 30}b --name fm-000000000002-s0r0 {VG}/thin",
+        f"lvcreate --yes --snapshot --setactivationskip n --name fs-00000000000a-s0r0 "
+        f"{VG}/fm-000000000001-s0r0",
+    ]
+
+
+def test_a_new_volume_group_gets_its_drives_and_a_zeroing_thin_pool() -> None:
+    rec = Recorder(pvs='{"report":[{"pv":[]}]}', vgs='{"report":[{"vg":[]}]}')
+    tool = lvm.Lvm(rec)
+    tool.ensure_volume_group("flashmesh-slow", ["/dev/nvme0n1", "/dev/nvme2n1"])
+    with pytest.raises(lvm.LvmError):
+        tool.ensure_thin_pool("flashmesh-slow")
+    assert rec.changes() == [
+        "vgcreate --yes flashmesh-slow /dev/nvme0n1 /dev/nvme2n1",
+        "vgchange --activate y flashmesh-slow",
+        "lvcreate --yes --type thin-pool --zero y --extents 95%FREE --name thin flashmesh-slow",
+    ]
+
+
+def test_removal_is_idempotent_and_allocation_counts_promises() -> None:
+    tool, rec = lvm_with_state()
+    assert tool.remove_volume(VG, "fm-000000000001-s0r0") is True
+    assert tool.remove_volume(VG, "fm-00000000dead-s0r0") is False
+    assert rec.changes() == [f"lvremove --yes {VG}/fm-000000000001-s0r0"]
+    assert tool.allocated(VG) == 2 * (64 << 20)
+
+
+def test_the_inventory_sees_whole_disks_their_signatures_and_volume_groups() -> None:
+    disks = parse_lsblk(recorded("lsblk.json"))
+    assert [d["path"] for d in disks] == ["/dev/nvme0n1", "/dev/nvme2n1", "/dev/nvme1n1"]
+    assert disks[0]["model"] == "QEMU NVMe Ctrl" and disks[0]["serial"] == "fm52ec18f6n1"
+    assert parse_blkid("DEVNAME=/dev/x\nTYPE=ext4\n") == ("ext4", False)
+    assert parse_blkid("PTUUID=1\nPTTYPE=gpt\n") == (None, True)
+
+    rec = Recorder(
+        lsblk=recorded("lsblk.json"),
+        pvs=recorded("pvs.json"),
+        **{"blkid /dev/nvme0n1": "TYPE=ext4\n", "blkid /dev/nvme1n1": "TYPE=LVM2_member\n"},
+    )
+    found = {d.path: d for d in inventory(rec)}
+    assert found["/dev/nvme0n1"].fstype == "ext4"
+    assert found["/dev/nvme1n1"].volume_group == VG
+    assert found["/dev/nvme2n1"].fstype is None and found["/dev/nvme2n1"].size == 64 << 20
+    assert rec.changes() == []  # looking changes nothing
