@@ -17,6 +17,12 @@ def _not_built(what: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from flashmesh.dataplane import agent
+
+    return agent.main(args.node, args.address, args.kubeconfig, args.interval, args.once)
+
+
 def _lab(args: argparse.Namespace) -> int:
     # Imported here: the lab is a development tool, and the product's subcommands must not
     # pay for (or depend on) it.
@@ -32,10 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    agent = sub.add_parser("agent", help="run the storage agent on a storage node")
+    agent.add_argument("--node", required=True, help="this node's name (its StorageNode)")
+    agent.add_argument("--address", required=True, help="the node's fabric address to serve on")
+    agent.add_argument("--kubeconfig", help="default: the pod's service account")
+    agent.add_argument("--interval", type=float, default=2.0, help="seconds between passes")
+    agent.add_argument("--once", action="store_true", help="one pass, then exit")
+    agent.set_defaults(func=_agent)
+
     for name, help_text in [
         ("operator", "run the operator (StoragePools, StorageNodes, TrainingWorkloads)"),
         ("csi", "run the CSI driver (controller and/or node service)"),
-        ("agent", "run the storage agent on a storage node"),
         ("status", "show the pools, nodes and volumes of a cluster"),
         ("bench", "run the benchmarks"),
     ]:

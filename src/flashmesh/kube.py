@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ class KubeError(Exception):
             for c in details.get("causes") or []
         ]
         return cls(status, data.get("reason", ""), data.get("message", ""), causes)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _translate(exc: Exception) -> KubeError:
@@ -160,6 +165,59 @@ class Kube:
         except (DynamicApiError, ApiException) as exc:
             raise _translate(exc) from exc
         return dict(out.to_dict())
+
+    def apply_status(
+        self, obj: dict[str, Any], field_manager: str, namespace: str | None = None
+    ) -> dict[str, Any]:
+        """Server-side apply of the status fields in obj, owned by field_manager: several
+        writers (one agent per node) each own their own entries of a list-map."""
+        res = self._resource(obj["apiVersion"], obj["kind"]).subresources["status"]
+        try:
+            out = res.patch(
+                name=obj["metadata"]["name"],
+                namespace=namespace,
+                body=obj,
+                content_type="application/apply-patch+yaml",
+                field_manager=field_manager,
+                force_conflicts=True,
+            )
+        except (DynamicApiError, ApiException) as exc:
+            raise _translate(exc) from exc
+        return dict(out.to_dict())
+
+    def event(
+        self,
+        obj: dict[str, Any],
+        reason: str,
+        message: str,
+        warning: bool = False,
+        component: str = "flashmesh",
+    ) -> None:
+        """A Kubernetes Event about obj, as `kubectl describe` shows them."""
+        meta = obj["metadata"]
+        namespace = meta.get("namespace") or "default"
+        now = _now()
+        self.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+                "involvedObject": {
+                    "apiVersion": obj["apiVersion"],
+                    "kind": obj["kind"],
+                    "name": meta["name"],
+                    "uid": meta.get("uid"),
+                    "namespace": meta.get("namespace"),
+                },
+                "reason": reason,
+                "message": message,
+                "type": "Warning" if warning else "Normal",
+                "source": {"component": component},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
+        )
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         """Deletes the object; False when it was already gone."""

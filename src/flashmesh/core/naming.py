@@ -44,6 +44,17 @@ def segment_lv(volume: str, index: int, replica: int) -> str:
     return f"{volume}-{segment_name(index, replica)}"
 
 
+def lv_device(volume_group: str, lv: str) -> str:
+    """A logical volume's device-mapper node, which needs no udev-made /dev/<vg>/<lv> link
+    (device-mapper doubles the dashes inside each name)."""
+    return f"/dev/mapper/{volume_group.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
+def pool_volume_group(pool: str) -> str:
+    """The volume group a storage node keeps for a StoragePool."""
+    return f"flashmesh-{pool}"
+
+
 def subsystem_nqn(volume: str, index: int, replica: int) -> str:
     return f"{NQN_PREFIX}{volume}.{segment_name(index, replica)}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from flashmesh.core.naming import lv_device
 from flashmesh.dataplane import process
 from flashmesh.dataplane.process import CommandError, Runner
 
@@ -55,9 +56,7 @@ class LogicalVolume:
 
     @property
     def device(self) -> str:
-        # The device-mapper name, which needs no udev-made /dev/<vg>/<lv> link.
-        vg, lv = self.volume_group.replace("-", "--"), self.name.replace("-", "--")
-        return f"/dev/mapper/{vg}-{lv}"
+        return lv_device(self.volume_group, self.name)
 
 
 def parse_report(text: str, kind: str) -> list[dict[str, str]]:

@@ -6,6 +6,7 @@ collide; every server binds to the addresses given (loopback by default).
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -233,6 +234,24 @@ class LocalCluster:
             return "\n".join(self.log(component).read_text().splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def portable_kubeconfig(self, address: str) -> str:
+        """A kubeconfig with its certificates inlined, for the apiserver at another of its
+        addresses (a VM on the lab's bridge reaches it at the bridge address)."""
+
+        def b64(name: str) -> str:
+            return base64.b64encode((self.pki / name).read_bytes()).decode()
+
+        cfg = yaml.safe_load(self.kubeconfig.read_text())
+        cluster = cfg["clusters"][0]["cluster"]
+        cluster["server"] = f"https://{address}:{self.state.ports['apiserver']}"
+        cluster["certificate-authority-data"] = b64("ca.crt")
+        del cluster["certificate-authority"]
+        user = cfg["users"][0]["user"]
+        user["client-certificate-data"] = b64("admin.crt")
+        user["client-key-data"] = b64("admin.key")
+        del user["client-certificate"], user["client-key"]
+        return str(yaml.safe_dump(cfg, sort_keys=False))
 
     def _write_kubeconfig(self) -> None:
         cfg = {

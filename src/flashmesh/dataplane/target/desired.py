@@ -1,0 +1,105 @@
+"""What a storage node must export, decided from the Volume objects alone: one subsystem per
+segment placed on the node (namespace 1 on the segment's logical volume, identifiers from
+the volume id), allowed to exactly the volume's hosts, on one port per endpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flashmesh.core import naming
+from flashmesh.core.resources import Endpoint, Segment, SegmentStatus, Volume
+from flashmesh.dataplane.target.model import PORT_ID_BASE, Host, Namespace, Port, Subsystem, Target
+
+
+@dataclass(frozen=True)
+class LocalSegment:
+    """A segment of a volume that lives on this node."""
+
+    volume: str
+    segment: Segment
+
+    @property
+    def nqn(self) -> str:
+        return naming.subsystem_nqn(self.volume, self.segment.index, self.segment.replica)
+
+    @property
+    def lv(self) -> str:
+        return naming.segment_lv(self.volume, self.segment.index, self.segment.replica)
+
+
+def local_segments(node: str, volumes: list[Volume]) -> list[LocalSegment]:
+    """This node's segments of the volumes that are not being deleted."""
+    return [
+        LocalSegment(v.metadata.name, s)
+        for v in sorted(volumes, key=lambda v: v.metadata.name)
+        if v.metadata.deletion_timestamp is None
+        for s in v.spec.segments
+        if s.node == node
+    ]
+
+
+def desired_target(
+    node: str,
+    volumes: list[Volume],
+    volume_group: str,
+    endpoints: list[Endpoint],
+    host_keys: dict[str, str] | None = None,
+    blocked_hosts: frozenset[str] = frozenset(),
+) -> Target:
+    """host_keys, when the pool asks for DH-HMAC-CHAP, maps each host NQN to its secret;
+    blocked_hosts (a host NQN shared by two nodes) are never allowed."""
+    hosts_of = {v.metadata.name: frozenset(v.spec.hosts) - blocked_hosts for v in volumes}
+    target = Target()
+    for seg in local_segments(node, volumes):
+        namespace = Namespace(
+            nsid=1,
+            device_path=naming.lv_device(volume_group, seg.lv),
+            device_uuid=naming.namespace_uuid(seg.nqn),
+            device_nguid=naming.namespace_nguid(seg.nqn),
+        )
+        serial = naming.subsystem_serial(seg.volume, seg.segment.index, seg.segment.replica)
+        allowed = hosts_of[seg.volume]
+        target.subsystems[seg.nqn] = Subsystem(seg.nqn, serial, False, allowed, {1: namespace})
+        for host in allowed:
+            key = (host_keys or {}).get(host)
+            target.hosts[host] = Host(host, dhchap_key=key)
+    linked = frozenset(target.subsystems)
+    for number, ep in enumerate(sorted(endpoints, key=lambda e: (e.transport, e.address))):
+        port_id = PORT_ID_BASE + number
+        target.ports[port_id] = Port(
+            port_id, ep.transport, ep.address, str(ep.port), subsystems=linked
+        )
+    return target
+
+
+def segment_statuses(
+    node: str,
+    volumes: list[Volume],
+    target: Target,
+    endpoints: list[Endpoint],
+    errors: dict[str, str],
+) -> dict[str, list[SegmentStatus]]:
+    """Per volume, the status entries of this node's segments: ready once the subsystem is
+    exported with its namespace enabled, on every endpoint, to exactly the allowed hosts
+    (removed hosts already cut off); otherwise a message says what is missing."""
+    out: dict[str, list[SegmentStatus]] = {}
+    for seg in local_segments(node, volumes):
+        sub = target.subsystems.get(seg.nqn)
+        linked = all(seg.nqn in p.subsystems for p in target.ports.values()) and target.ports
+        enabled = sub is not None and 1 in sub.namespaces and sub.namespaces[1].enable
+        message = errors.get(seg.nqn)
+        if message is None and not (sub and enabled and linked):
+            message = "not exported yet"
+        out.setdefault(seg.volume, []).append(
+            SegmentStatus(
+                index=seg.segment.index,
+                replica=seg.segment.replica,
+                node=node,
+                ready=message is None,
+                subsystem_nqn=seg.nqn,
+                endpoints=list(endpoints),
+                hosts=sorted(sub.allowed_hosts) if sub else [],
+                message=message,
+            )
+        )
+    return out
