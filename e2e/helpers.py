@@ -15,12 +15,23 @@ LIB = GUEST / "lab-lib.sh"
 MIB = 1 << 20
 T = TypeVar("T")
 
+# The storage agent's pool takes the only 1 GiB drive of each storage VM (by minimum size).
+AGENT_DRIVE = Drive(1024)
 # storage-0: drive 0 for the TCP scenario, drive 1 for RDMA, drive 2 for hand-made LVM
-# volumes, drive 3 for FlashMesh's own LVM layer.
-STORAGE0 = VmSpec("storage-0", 1, drives=(Drive(256), Drive(256), Drive(768), Drive(256)), links=2)
-# storage-1: one drive for LVM volumes (the second half of a stripe, the restart scenario),
-# throttled (at 200 MB/s, above what emulation reaches) so the option is exercised.
-STORAGE1 = VmSpec("storage-1", 2, drives=(Drive(512, bps=200 << 20),), links=1)
+# volumes, drive 3 for FlashMesh's own LVM layer, drive 4 for the agent.
+STORAGE0 = VmSpec(
+    "storage-0",
+    1,
+    drives=(Drive(256), Drive(256), Drive(768), Drive(256), AGENT_DRIVE),
+    links=2,
+    memory_mib=384,
+)
+# storage-1: drive 0 for hand-made LVM volumes (the second half of a stripe, the restart
+# scenario), throttled (at 200 MB/s, above what emulation reaches) so the option is
+# exercised; drive 1 for the agent.
+STORAGE1 = VmSpec(
+    "storage-1", 2, drives=(Drive(512, bps=200 << 20), AGENT_DRIVE), links=1, memory_mib=384
+)
 GPU0 = VmSpec("gpu-0", 3, links=2)
 
 

@@ -1,0 +1,177 @@
+"""The storage agent in two storage VMs against the real API server: it registers each node
+with its real drives, exports a Volume's two segments, lets exactly the allowed host in
+(verified I/O over a stripe of both), cuts off a removed host, and leaves nothing behind
+when the Volume is deleted."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import (
+    GPU0,
+    MIB,
+    STORAGE0,
+    STORAGE1,
+    Scenario,
+    assert_verified,
+    fio_result,
+    sh,
+)
+
+from flashmesh.core import naming, resources
+from flashmesh.lab import processes
+from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.netns import bridge_address
+from flashmesh.lab.vm import Lab, host_nqn
+
+pytestmark = pytest.mark.kernel
+
+API = resources.API_VERSION
+POOL = "agents"
+NODES = (STORAGE0, STORAGE1)
+GPU = GPU0.name
+
+
+def agent_log(lab: Lab, vm: str) -> str:
+    return (lab.workdir / f"agent-{vm}.log").read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
+    """The pool and StorageNodes the operator will own (spec.pool set by hand until it
+    lands), and an agent running in each storage VM."""
+    kube = crds.kube
+    kube.create({
+        "apiVersion": API, "kind": "StoragePool", "metadata": {"name": POOL},
+        "spec": {"nodeSelector": {"matchLabels": {"pool": POOL}},
+                 "drives": {"pathPatterns": ["/dev/nvme*n1"], "minSize": "900Mi"},
+                 "transports": ["tcp"]},
+    })  # fmt: skip
+    kubeconfig = lab.workdir / "agent.kubeconfig"  # in the lab's share: every VM sees it
+    kubeconfig.write_text(crds.portable_kubeconfig(bridge_address(0)))
+    for spec in NODES:
+        kube.create({"apiVersion": API, "kind": "StorageNode",
+                     "metadata": {"name": spec.name, "labels": {"pool": POOL}},
+                     "spec": {"pool": POOL}})  # fmt: skip
+        lab.spawn(
+            spec.name,
+            f"modprobe -a nvmet nvmet-tcp\n"
+            f"exec {sys.executable} -m flashmesh.cli agent --node {spec.name} "
+            f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig --interval 1 "
+            f"> /lab/agent-{spec.name}.log 2>&1",
+        )
+    try:
+        yield crds
+    finally:
+        for spec in NODES:
+            lab.exec(spec.name, "pkill -f 'flashmesh.cli agent' || true", check=False)
+
+
+def node_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
+    return (cluster.kube.get(API, "StorageNode", name) or {}).get("status") or {}
+
+
+def test_agents_register_their_nodes_with_the_real_drives(
+    lab: Lab, agents: LocalCluster, scenario: Scenario
+) -> None:
+    for spec in NODES:
+        ready = processes.wait_until(
+            lambda n=spec.name: node_status(agents, n).get("phase") == "Ready", 300
+        )
+        assert ready, f"{spec.name}: {node_status(agents, spec.name)}\n{agent_log(lab, spec.name)}"
+        status = node_status(agents, spec.name)
+        serial = lab.drive_serial(spec.name, len(spec.drives) - 1)
+        (chosen,) = [d for d in status["drives"] if d["selected"]]
+        assert (chosen["serial"], chosen["size"], chosen["model"]) == (
+            serial,
+            "1Gi",
+            "QEMU NVMe Ctrl",
+        )
+        assert all(not d["selected"] for d in status["drives"] if d["serial"] != serial)
+        group = status["volumeGroup"]
+        assert group["name"] == f"flashmesh-{POOL}" and group["thinPool"]["name"] == "thin"
+        assert status["endpoints"] == [
+            {"transport": "tcp", "address": spec.address(0), "port": 4420}
+        ]
+        assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+    scenario.done("2 agents registered their StorageNodes with the real 1 GiB drive and its VG")
+
+
+def test_a_volume_is_exported_served_and_cleaned_up(
+    lab: Lab, agents: LocalCluster, scenario: Scenario
+) -> None:
+    kube = agents.kube
+    vid = naming.volume_id("pvc-agent-e2e")
+    gpu_nqn = host_nqn(GPU)
+    kube.create({
+        "apiVersion": API, "kind": "Volume", "metadata": {"name": vid},
+        "spec": {"csiName": "pvc-agent-e2e", "pool": POOL, "size": "128Mi",
+                 "layout": {"stripeWidth": 2, "replicas": 1},
+                 "segments": [{"index": i, "replica": 0, "node": n.name, "size": "64Mi"}
+                              for i, n in enumerate(NODES)],
+                 "hosts": [gpu_nqn]},
+    })  # fmt: skip
+    nqns = [naming.subsystem_nqn(vid, i, 0) for i in range(2)]
+
+    def segments() -> list[dict[str, Any]]:
+        volume = kube.get(API, "Volume", vid) or {}
+        return list((volume.get("status") or {}).get("segments") or [])
+
+    exported = processes.wait_until(
+        lambda: len(segments()) == 2 and all(s["ready"] for s in segments()), 300
+    )
+    assert exported, f"{segments()}\n{agent_log(lab, STORAGE0.name)}"
+    assert sorted(s["subsystemNQN"] for s in segments()) == nqns
+    assert all(s["hosts"] == [gpu_nqn] for s in segments())
+
+    # The allowed host connects to both segments and does verified I/O over a stripe.
+    devices = [
+        sh(lab, GPU, f"modprobe nvme-tcp\nnvme connect -t tcp -a {n.address(0)} -s 4420 "
+                     f"-n {nqn} --ctrl-loss-tmo=5 --reconnect-delay=1\nnvme_device {nqn}").strip()
+        for n, nqn in zip(NODES, nqns, strict=True)
+    ]  # fmt: skip
+    sh(lab, GPU, f"dmsetup create fmagent --table '0 262144 striped 2 128 "
+                 f"{devices[0]} 0 {devices[1]} 0'")  # fmt: skip
+    assert_verified(fio_result(sh(lab, GPU, "fio_verify /dev/mapper/fmagent 64M")), 64 * MIB)
+    sh(lab, GPU, "dmsetup remove fmagent")
+
+    # A node whose host NQN is not allowed is refused by the target kernel.
+    refused = lab.exec(
+        STORAGE1.name,
+        f"modprobe nvme-tcp\nnvme connect -t tcp -a {STORAGE0.address(0)} -s 4420 -n {nqns[0]}",
+        check=False,
+    )
+    assert refused.rc != 0, refused.output
+
+    # Removing the host from the Volume cuts it off: its paths stop being live.
+    data = kube.get(API, "Volume", vid)
+    assert data is not None
+    data["spec"]["hosts"] = []
+    kube.replace(data)
+    cut = processes.wait_until(
+        lambda: all("=live" not in sh(lab, GPU, f"path_states {nqn}") for nqn in nqns), 180
+    )
+    assert cut, sh(lab, GPU, "nvme list-subsys")
+    for nqn in nqns:
+        sh(lab, GPU, f"nvme disconnect -n {nqn} || true")
+
+    # Deleting the Volume leaves no subsystem, port link or logical volume behind.
+    kube.delete(API, "Volume", vid)
+    gone = processes.wait_until(lambda: kube.get(API, "Volume", vid) is None, 300)
+    assert gone, f"{kube.get(API, 'Volume', vid)}\n{agent_log(lab, STORAGE0.name)}"
+    for spec in NODES:
+        configfs = sh(
+            lab,
+            spec.name,
+            "ls /sys/kernel/config/nvmet/subsystems /sys/kernel/config/nvmet/ports/*/subsystems",
+        )
+        assert vid not in configfs, configfs
+        lvs = sh(lab, spec.name, f"lvs --noheadings -o lv_name flashmesh-{POOL}").split()
+        assert lvs == ["thin"], lvs
+    scenario.done(
+        "Volume exported on 2 nodes, host verified over a stripe, stranger refused, "
+        "removed host cut off, deletion left nothing"
+    )
