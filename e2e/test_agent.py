@@ -35,6 +35,17 @@ NODES = (STORAGE0, STORAGE1)
 GPU = GPU0.name
 
 
+UNEXPORT_ALL = (
+    "from flashmesh.dataplane.target import configfs as c, planner as p, model as m; "
+    "fs = c.Fs(c.NVMET_ROOT); c.apply(fs, p.plan(m.Target(), c.observe(fs)))"
+)
+
+
+def node_name(vm: str) -> str:
+    """The agents' StorageNode names, apart from the samples other tests create."""
+    return f"agent-{vm}"
+
+
 def agent_log(lab: Lab, vm: str) -> str:
     return (lab.workdir / f"agent-{vm}.log").read_text(errors="replace")[-3000:]
 
@@ -54,12 +65,12 @@ def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
     kubeconfig.write_text(crds.portable_kubeconfig(bridge_address(0)))
     for spec in NODES:
         kube.create({"apiVersion": API, "kind": "StorageNode",
-                     "metadata": {"name": spec.name, "labels": {"pool": POOL}},
+                     "metadata": {"name": node_name(spec.name), "labels": {"pool": POOL}},
                      "spec": {"pool": POOL}})  # fmt: skip
         lab.spawn(
             spec.name,
             f"modprobe -a nvmet nvmet-tcp\n"
-            f"exec {sys.executable} -m flashmesh.cli agent --node {spec.name} "
+            f"exec {sys.executable} -m flashmesh.cli agent --node {node_name(spec.name)} "
             f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig --interval 1 "
             f"> /lab/agent-{spec.name}.log 2>&1",
         )
@@ -68,6 +79,9 @@ def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
     finally:
         for spec in NODES:
             lab.exec(spec.name, "pkill -f 'flashmesh.cli agent' || true", check=False)
+            # Whatever a failed test left exported goes, so later scenarios find a clean
+            # target: FlashMesh's own planner, asked for nothing.
+            lab.exec(spec.name, f"{sys.executable} -c '{UNEXPORT_ALL}'", check=False)
 
 
 def node_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
@@ -78,11 +92,12 @@ def test_agents_register_their_nodes_with_the_real_drives(
     lab: Lab, agents: LocalCluster, scenario: Scenario
 ) -> None:
     for spec in NODES:
+        name = node_name(spec.name)
         ready = processes.wait_until(
-            lambda n=spec.name: node_status(agents, n).get("phase") == "Ready", 300
+            lambda n=name: node_status(agents, n).get("phase") == "Ready", 300
         )
-        assert ready, f"{spec.name}: {node_status(agents, spec.name)}\n{agent_log(lab, spec.name)}"
-        status = node_status(agents, spec.name)
+        assert ready, f"{name}: {node_status(agents, name)}\n{agent_log(lab, spec.name)}"
+        status = node_status(agents, name)
         serial = lab.drive_serial(spec.name, len(spec.drives) - 1)
         (chosen,) = [d for d in status["drives"] if d["selected"]]
         assert (chosen["serial"], chosen["size"], chosen["model"]) == (
@@ -110,7 +125,7 @@ def test_a_volume_is_exported_served_and_cleaned_up(
         "apiVersion": API, "kind": "Volume", "metadata": {"name": vid},
         "spec": {"csiName": "pvc-agent-e2e", "pool": POOL, "size": "128Mi",
                  "layout": {"stripeWidth": 2, "replicas": 1},
-                 "segments": [{"index": i, "replica": 0, "node": n.name, "size": "64Mi"}
+                 "segments": [{"index": i, "replica": 0, "node": node_name(n.name), "size": "64Mi"}
                               for i, n in enumerate(NODES)],
                  "hosts": [gpu_nqn]},
     })  # fmt: skip

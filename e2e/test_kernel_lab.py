@@ -50,9 +50,13 @@ def local_drive(lab: Lab, vm: str, number: int) -> str:
     return sh(lab, vm, f"drive_by_serial {serial}").strip()
 
 
+# The drive of each storage VM that holds the hand-made volume group fmlab.
+LVM_DRIVE = {STORAGE0.name: 2, STORAGE1.name: 0}
+
+
 def lvm_volume(lab: Lab, vm: str, name: str, size: str) -> str:
-    """An LVM logical volume on the VM's last drive (the volume group made once)."""
-    drive = local_drive(lab, vm, len(lab.spec(vm).drives) - 1)
+    """An LVM logical volume in the VM's hand-made volume group (made once)."""
+    drive = local_drive(lab, vm, LVM_DRIVE[vm])
     return sh(lab, vm, f"lvm_volume {drive} {name} {size}").strip()
 
 
