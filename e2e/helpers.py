@@ -28,9 +28,14 @@ STORAGE0 = VmSpec(
 )
 # storage-1: drive 0 for hand-made LVM volumes (the second half of a stripe, the restart
 # scenario), throttled (at 200 MB/s, above what emulation reaches) so the option is
-# exercised; drive 1 for the agent.
+# exercised; drive 1 for the agent; drive 2 matches the agent's pool too but holds a
+# filesystem, which the agent must refuse and leave alone.
 STORAGE1 = VmSpec(
-    "storage-1", 2, drives=(Drive(512, bps=200 << 20), AGENT_DRIVE), links=1, memory_mib=384
+    "storage-1",
+    2,
+    drives=(Drive(512, bps=200 << 20), AGENT_DRIVE, AGENT_DRIVE),
+    links=1,
+    memory_mib=384,
 )
 GPU0 = VmSpec("gpu-0", 3, links=2)
 

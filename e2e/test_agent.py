@@ -59,17 +59,21 @@ def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
         "apiVersion": API, "kind": "StoragePool", "metadata": {"name": POOL},
         "spec": {"nodeSelector": {"matchLabels": {"pool": POOL}},
                  "drives": {"pathPatterns": ["/dev/nvme*n1"], "minSize": "900Mi"},
-                 "transports": ["tcp"]},
+                 "transports": ["rdma", "tcp"]},
     })  # fmt: skip
     kubeconfig = lab.workdir / "agent.kubeconfig"  # in the lab's share: every VM sees it
     kubeconfig.write_text(crds.portable_kubeconfig(bridge_address(0)))
+    # storage-0 has soft-RoCE on its fabric link, storage-1 has not; storage-1's third drive
+    # holds a filesystem that the pool's selection matches.
+    sh(lab, STORAGE0.name, "rxe_up eth0")
+    ext4 = lab.drive_serial(STORAGE1.name, 2)
+    sh(lab, STORAGE1.name, f"mkfs.ext4 -q -F $(drive_by_serial {ext4})")
     for spec in NODES:
         kube.create({"apiVersion": API, "kind": "StorageNode",
                      "metadata": {"name": node_name(spec.name), "labels": {"pool": POOL}},
                      "spec": {"pool": POOL}})  # fmt: skip
         lab.spawn(
             spec.name,
-            f"modprobe -a nvmet nvmet-tcp\n"
             f"exec {sys.executable} -m flashmesh.cli agent --node {node_name(spec.name)} "
             f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig --interval 1 "
             f"> /lab/agent-{spec.name}.log 2>&1",
@@ -98,7 +102,7 @@ def test_agents_register_their_nodes_with_the_real_drives(
         )
         assert ready, f"{name}: {node_status(agents, name)}\n{agent_log(lab, spec.name)}"
         status = node_status(agents, name)
-        serial = lab.drive_serial(spec.name, len(spec.drives) - 1)
+        serial = lab.drive_serial(spec.name, 1 if spec is STORAGE1 else 4)
         (chosen,) = [d for d in status["drives"] if d["selected"]]
         assert (chosen["serial"], chosen["size"], chosen["model"]) == (
             serial,
@@ -108,11 +112,39 @@ def test_agents_register_their_nodes_with_the_real_drives(
         assert all(not d["selected"] for d in status["drives"] if d["serial"] != serial)
         group = status["volumeGroup"]
         assert group["name"] == f"flashmesh-{POOL}" and group["thinPool"]["name"] == "thin"
-        assert status["endpoints"] == [
-            {"transport": "tcp", "address": spec.address(0), "port": 4420}
-        ]
         assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
-    scenario.done("2 agents registered their StorageNodes with the real 1 GiB drive and its VG")
+
+    # Soft-RoCE on storage-0's fabric address: rdma is advertised there, and only there.
+    rdma0 = node_status(agents, node_name(STORAGE0.name))
+    tcp = {"transport": "tcp", "address": STORAGE0.address(0), "port": 4420}
+    assert rdma0["endpoints"] == [{**tcp, "transport": "rdma"}, tcp]
+    (rxe,) = rdma0["rdmaDevices"]
+    assert (rxe["name"], rxe["state"], rxe["linkLayer"], rxe["netdev"]) == (
+        "rxe0",
+        "ACTIVE",
+        "Ethernet",
+        "eth0",
+    )
+    plain = node_status(agents, node_name(STORAGE1.name))
+    assert plain["endpoints"] == [
+        {"transport": "tcp", "address": STORAGE1.address(0), "port": 4420}
+    ]
+    assert plain.get("rdmaDevices") == []
+
+    # The drive holding a filesystem was refused, said so, and was left as it was.
+    ext4 = sh(lab, STORAGE1.name, f"drive_by_serial {lab.drive_serial(STORAGE1.name, 2)}").strip()
+    drives = {c["type"]: c for c in plain["conditions"]}["DrivesReady"]
+    assert (drives["status"], drives["reason"]) == ("False", "DriveInUse")
+    fix = f"{ext4} holds a ext4 signature: wipe it (wipefs -a) or exclude it by path"
+    assert fix in drives["message"]
+    events = agents.kube.list("v1", "Event", namespace="default")
+    about = [e for e in events if e["involvedObject"]["name"] == node_name(STORAGE1.name)]
+    assert any(e["reason"] == "DriveInUse" and ext4 in e["message"] for e in about), about
+    assert sh(lab, STORAGE1.name, f"blkid -p -o value -s TYPE {ext4}").strip() == "ext4"
+    scenario.done(
+        "2 agents registered their real drives and VGs; rdma advertised only with rxe; "
+        "a drive holding ext4 refused with a condition and an Event, untouched"
+    )
 
 
 def test_a_volume_is_exported_served_and_cleaned_up(

@@ -76,6 +76,9 @@ class Agent:
         devices = inventory(self.runner)
         ports = rdma.discover()
         endpoints = self._endpoints(ports, pool)
+        # nvmet and a target driver per transport served (no-ops once loaded).
+        modules = ["nvmet", *(f"nvmet-{e.transport}" for e in endpoints)]
+        process.check(self.runner, ["modprobe", "-a", *modules])
         conditions: list[Condition] = []
         lvm = Lvm(self.runner)
         vg_name = naming.pool_volume_group(pool.metadata.name) if pool else None
