@@ -25,7 +25,7 @@ from flashmesh.core import naming, resources
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.netns import bridge_address
-from flashmesh.lab.vm import Lab, host_nqn
+from flashmesh.lab.vm import Lab, VmSpec, host_nqn
 
 pytestmark = pytest.mark.kernel
 
@@ -50,6 +50,16 @@ def agent_log(lab: Lab, vm: str) -> str:
     return (lab.workdir / f"agent-{vm}.log").read_text(errors="replace")[-3000:]
 
 
+def start_agent(lab: Lab, spec: VmSpec) -> None:
+    """The agent as a long-running process in the VM, its log in the lab's share."""
+    lab.spawn(
+        spec.name,
+        f"exec {sys.executable} -m flashmesh.cli agent --node {node_name(spec.name)} "
+        f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig --interval 1 "
+        f">> /lab/agent-{spec.name}.log 2>&1",
+    )
+
+
 @pytest.fixture(scope="module")
 def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
     """The pool and StorageNodes the operator will own (spec.pool set by hand until it
@@ -72,12 +82,7 @@ def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
         kube.create({"apiVersion": API, "kind": "StorageNode",
                      "metadata": {"name": node_name(spec.name), "labels": {"pool": POOL}},
                      "spec": {"pool": POOL}})  # fmt: skip
-        lab.spawn(
-            spec.name,
-            f"exec {sys.executable} -m flashmesh.cli agent --node {node_name(spec.name)} "
-            f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig --interval 1 "
-            f"> /lab/agent-{spec.name}.log 2>&1",
-        )
+        start_agent(lab, spec)
     try:
         yield crds
     finally:
@@ -202,6 +207,10 @@ def test_a_volume_is_exported_served_and_cleaned_up(
         lambda: all("=live" not in sh(lab, GPU, f"path_states {nqn}") for nqn in nqns), 180
     )
     assert cut, sh(lab, GPU, "nvme list-subsys")
+    # Its next I/O fails (connected with ctrl-loss-tmo=5: the refused reconnects end it).
+    read = lab.exec(GPU, f"dd if={devices[0]} of=/dev/null bs=4k count=1 iflag=direct",
+                    timeout=240, check=False)  # fmt: skip
+    assert read.rc != 0, read.output
     for nqn in nqns:
         sh(lab, GPU, f"nvme disconnect -n {nqn} || true")
 
@@ -221,4 +230,54 @@ def test_a_volume_is_exported_served_and_cleaned_up(
     scenario.done(
         "Volume exported on 2 nodes, host verified over a stripe, stranger refused, "
         "removed host cut off, deletion left nothing"
+    )
+
+
+def test_a_rebooted_storage_node_exports_the_same_namespace_and_io_resumes(
+    lab: Lab, agents: LocalCluster, scenario: Scenario
+) -> None:
+    kube = agents.kube
+    vm = STORAGE1.name
+    vid = naming.volume_id("pvc-agent-reboot")
+    nqn = naming.subsystem_nqn(vid, 0, 0)
+    kube.create({
+        "apiVersion": API, "kind": "Volume", "metadata": {"name": vid},
+        "spec": {"csiName": "pvc-agent-reboot", "pool": POOL, "size": "64Mi",
+                 "segments": [{"index": 0, "replica": 0, "node": node_name(vm), "size": "64Mi"}],
+                 "hosts": [host_nqn(GPU)]},
+    })  # fmt: skip
+
+    def ready() -> bool:
+        status = (kube.get(API, "Volume", vid) or {}).get("status") or {}
+        return any(s["ready"] for s in status.get("segments") or [])
+
+    assert processes.wait_until(ready, 300), agent_log(lab, vm)
+    device = sh(
+        lab,
+        GPU,
+        f"nvme connect -t tcp -a {STORAGE1.address(0)} -s 4420 -n {nqn} "
+        f"--ctrl-loss-tmo=-1 --reconnect-delay=1\nnvme_device {nqn}",
+    ).strip()
+    nguid = f"cat /sys/block/{device.removeprefix('/dev/')}/nguid"
+    before = sh(lab, GPU, nguid).strip()
+    assert before.replace("-", "") == naming.namespace_nguid(nqn).replace("-", "")
+    assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 32M")), 32 * MIB)
+
+    lab.kill(vm)  # pulled: nvmet's configfs is gone with the kernel
+    lab.restart(vm)
+    start_agent(lab, STORAGE1)
+    assert processes.wait_until(
+        lambda: sh(lab, GPU, f"path_states {nqn}").split() == [f"{STORAGE1.address(0)}=live"],
+        300,
+    ), agent_log(lab, vm)
+    # The host kept its device (same namespace identifiers) and reads back what it wrote.
+    assert sh(lab, GPU, nguid).strip() == before
+    verified = fio_result(sh(lab, GPU, f"fio_verify {device} 32M --verify_only"))
+    assert verified["error"] == 0 and verified["read"]["io_bytes"] == 32 * MIB
+    sh(lab, GPU, f"nvme disconnect -n {nqn} || true")
+    kube.delete(API, "Volume", vid)
+    assert processes.wait_until(lambda: kube.get(API, "Volume", vid) is None, 300)
+    scenario.done(
+        "storage-1 pulled and rebooted: agent rebuilt the export, same NGUID, "
+        "the connected host resumed and verified its data"
     )
