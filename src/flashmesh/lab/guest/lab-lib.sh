@@ -38,7 +38,7 @@ nvmet_allow_host() {
 # rxe_up NETDEV: a soft-RoCE device over a network interface.
 rxe_up() {
   modprobe rdma_rxe; modprobe ib_uverbs
-  rdma link show rxe0 >/dev/null 2>&1 || rdma link add rxe0 type rxe netdev "$1"
+  [ -e /sys/class/infiniband/rxe0 ] || rdma link add rxe0 type rxe netdev "$1"
 }
 
 # nvme_device NQN [TIMEOUT_S]: the block device of the subsystem, once it appears.
