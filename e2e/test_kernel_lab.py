@@ -268,3 +268,19 @@ def test_vms_reach_the_control_plane_on_the_bridge(
     out = sh(lab, GPU, f"cat > /tmp/ca.crt <<'EOF'\n{ca}EOF\ncurl -sS --cacert /tmp/ca.crt {url}")
     assert out.strip() == "ok"
     scenario.done(f"gpu-0 reached kube-apiserver at {url} with TLS verified")
+
+
+def test_a_guest_kernel_panic_is_retried_once_and_said(lab: Lab, scenario: Scenario) -> None:
+    """The retry the RDMA scenario relies on, with a panic made on purpose (sysrq)."""
+    calls = []
+
+    def attempt() -> str:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            lab.exec(GPU, "echo 1 > /proc/sys/kernel/sysrq\necho c > /proc/sysrq-trigger", 120)
+        return sh(lab, GPU, "hostname").strip()
+
+    result, note = retry_after_guest_panic(lab, attempt, "sysrq")
+    assert (result, len(calls)) == (GPU, 2)
+    assert note == f"; {GPU}'s kernel panicked in sysrq, retried once"
+    scenario.done(f"a panicked {GPU} was booted again and the attempt retried once")

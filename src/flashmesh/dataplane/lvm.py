@@ -150,25 +150,10 @@ class Lvm:
         self._run("vgchange", "--activate", "y", vg)
 
     def ensure_thin_pool(self, vg: str) -> LogicalVolume:
-        pool = self.logical_volume(vg, THIN_POOL)
-        if pool is None:
-            self._run(
-                "lvcreate",
-                "--yes",
-                "--type",
-                "thin-pool",
-                "--zero",
-                "y",
-                "--extents",
-                THIN_POOL_SHARE,
-                "--name",
-                THIN_POOL,
-                vg,
-            )
-            pool = self.logical_volume(vg, THIN_POOL)
-        if pool is None:
-            raise LvmError(f"thin pool {vg}/{THIN_POOL} missing after creation")
-        return pool
+        if self.logical_volume(vg, THIN_POOL) is None:
+            self._run("lvcreate", "--yes", "--type", "thin-pool", "--zero", "y",
+                      "--extents", THIN_POOL_SHARE, "--name", THIN_POOL, vg)  # fmt: skip
+        return self._existing(vg, THIN_POOL)
 
     # --- segments ----------------------------------------------------------------------
 
@@ -176,46 +161,29 @@ class Lvm:
         """A thin volume of at least `size` bytes: made, or grown; never shrunk."""
         lv = self.logical_volume(vg, name)
         if lv is None:
-            self._run(
-                "lvcreate",
-                "--yes",
-                "--thin",
-                "--virtualsize",
-                f"{size}b",
-                "--name",
-                name,
-                f"{vg}/{THIN_POOL}",
-            )
+            self._run("lvcreate", "--yes", "--thin", "--virtualsize", f"{size}b",
+                      "--name", name, f"{vg}/{THIN_POOL}")  # fmt: skip
         elif lv.size < size:
             self._run("lvextend", "--yes", "--size", f"{size}b", f"{vg}/{name}")
         elif not lv.active:
             self._run("lvchange", "--activate", "y", f"{vg}/{name}")
-        lv = self.logical_volume(vg, name)
-        if lv is None:
-            raise LvmError(f"{vg}/{name} missing after creation")
-        return lv
+        return self._existing(vg, name)
 
     def ensure_snapshot(self, vg: str, origin: str, name: str) -> LogicalVolume:
         """A thin snapshot of a volume, activated (thin snapshots skip activation by
         default, -kn turns that off)."""
-        snap = self.logical_volume(vg, name)
-        if snap is None:
+        if self.logical_volume(vg, name) is None:
             if self.logical_volume(vg, origin) is None:
                 raise LvmError(f"cannot snapshot {vg}/{origin}: it does not exist")
-            self._run(
-                "lvcreate",
-                "--yes",
-                "--snapshot",
-                "--setactivationskip",
-                "n",
-                "--name",
-                name,
-                f"{vg}/{origin}",
-            )
-            snap = self.logical_volume(vg, name)
-        if snap is None:
+            self._run("lvcreate", "--yes", "--snapshot", "--setactivationskip", "n",
+                      "--name", name, f"{vg}/{origin}")  # fmt: skip
+        return self._existing(vg, name)
+
+    def _existing(self, vg: str, name: str) -> LogicalVolume:
+        lv = self.logical_volume(vg, name)
+        if lv is None:
             raise LvmError(f"{vg}/{name} missing after creation")
-        return snap
+        return lv
 
     def remove_volume(self, vg: str, name: str) -> bool:
         """Removes a volume; False when it was already gone."""

@@ -24,7 +24,8 @@ nvmet_port() {
     echo "$tr" > "$p/addr_trtype"; echo ipv4 > "$p/addr_adrfam"
     echo "$addr" > "$p/addr_traddr"; echo "$svc" > "$p/addr_trsvcid"
   fi
-  ln -sfn "$NVMET/subsystems/$nqn" "$p/subsystems/$nqn"
+  # configfs links cannot be replaced (ln -f): link once.
+  [ -L "$p/subsystems/$nqn" ] || ln -s "$NVMET/subsystems/$nqn" "$p/subsystems/$nqn"
 }
 
 # nvmet_allow_host NQN HOSTNQN [DHCHAP_KEY]: only this host may connect (with this key).
@@ -32,7 +33,8 @@ nvmet_allow_host() {
   local nqn=$1 host=$2 key=${3:-} h=$NVMET/hosts/$2
   mkdir -p "$h"
   [ -n "$key" ] && echo "$key" > "$h/dhchap_key"
-  ln -sfn "$h" "$NVMET/subsystems/$nqn/allowed_hosts/$host"
+  [ -L "$NVMET/subsystems/$nqn/allowed_hosts/$host" ] \
+    || ln -s "$h" "$NVMET/subsystems/$nqn/allowed_hosts/$host"
 }
 
 # rxe_up NETDEV: a soft-RoCE device over a network interface.
