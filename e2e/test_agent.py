@@ -22,6 +22,7 @@ from helpers import (
 )
 
 from flashmesh.core import naming, resources
+from flashmesh.dataplane.agent import HOST_NQN_ANNOTATION, KEY_LABEL
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.netns import bridge_address
@@ -280,4 +281,61 @@ def test_a_rebooted_storage_node_exports_the_same_namespace_and_io_resumes(
     scenario.done(
         "storage-1 pulled and rebooted: agent rebuilt the export, same NGUID, "
         "the connected host resumed and verified its data"
+    )
+
+
+def test_with_authentication_only_the_keyed_host_gets_in_and_keys_rotate(
+    lab: Lab, agents: LocalCluster, scenario: Scenario
+) -> None:
+    kube = agents.kube
+    vm = STORAGE0.name
+    gpu = host_nqn(GPU)
+    keys = [sh(lab, GPU, f"nvme gen-dhchap-key -n {gpu}").strip() for _ in range(2)]
+    if kube.get("v1", "Namespace", "flashmesh-system") is None:
+        kube.create({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": "flashmesh-system"}})  # fmt: skip
+    secret = {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "dhchap-gpu-0", "namespace": "flashmesh-system",
+                     "labels": {KEY_LABEL: "true"}, "annotations": {HOST_NQN_ANNOTATION: gpu}},
+        "stringData": {"key": keys[0]},
+    }  # fmt: skip
+    kube.create(secret)
+    kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": True}}})
+    vid = naming.volume_id("pvc-agent-auth")
+    nqn = naming.subsystem_nqn(vid, 0, 0)
+    kube.create({
+        "apiVersion": API, "kind": "Volume", "metadata": {"name": vid},
+        "spec": {"csiName": "pvc-agent-auth", "pool": POOL, "size": "32Mi",
+                 "segments": [{"index": 0, "replica": 0, "node": node_name(vm), "size": "32Mi"}],
+                 "hosts": [gpu]},
+    })  # fmt: skip
+    host_key = f"cat /sys/kernel/config/nvmet/hosts/{gpu}/dhchap_key"
+    connect = (
+        f"modprobe nvme-tcp\n"
+        f"nvme connect -t tcp -a {STORAGE0.address(0)} -s 4420 -n {nqn} --dhchap-secret="
+    )
+    try:
+        for active, stale in ((keys[0], keys[1]), (keys[1], keys[0])):
+            assert processes.wait_until(
+                lambda k=active: sh(lab, vm, host_key, check=False).strip() == k, 300
+            ), agent_log(lab, vm)
+            refused = lab.exec(GPU, f"{connect}'{stale}'", check=False)
+            assert refused.rc != 0 and "Key was rejected by service" in refused.output
+            device = sh(lab, GPU, f"{connect}'{active}'\nnvme_device {nqn}").strip()
+            assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 16M")), 16 * MIB)
+            sh(lab, GPU, f"nvme disconnect -n {nqn}")
+            secret["stringData"] = {"key": keys[1]}  # rotate
+            current = kube.get("v1", "Secret", "dhchap-gpu-0", "flashmesh-system")
+            assert current is not None
+            kube.replace({**secret, "metadata": current["metadata"]})
+    finally:
+        sh(lab, GPU, f"nvme disconnect -n {nqn} || true")
+        kube.delete(API, "Volume", vid)
+        kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": False}}})
+        kube.delete("v1", "Secret", "dhchap-gpu-0", "flashmesh-system")
+    assert processes.wait_until(lambda: kube.get(API, "Volume", vid) is None, 300)
+    scenario.done(
+        "DH-HMAC-CHAP from a Secret: stale key refused, right key verified, "
+        "rotated key applied by the agent"
     )

@@ -12,6 +12,7 @@ logical volumes here are gone. A drive the pool did not select is never touched.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from flashmesh.kube import Kube, KubeError
 log = logging.getLogger(__name__)
 API = resources.API_VERSION
 NVME_PORT = 4420
+KEY_LABEL = f"{resources.GROUP}/dhchap-key"
+HOST_NQN_ANNOTATION = f"{resources.GROUP}/host-nqn"
 
 
 def _now() -> str:
@@ -49,6 +52,8 @@ class Agent:
     port: int = NVME_PORT
     nvmet_root: Path = configfs.NVMET_ROOT
     runner: Runner = process.run
+    # Where the DH-HMAC-CHAP host keys live (Secrets labelled KEY_LABEL).
+    namespace: str = "flashmesh-system"
     _said: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -87,7 +92,8 @@ class Agent:
             selected = self._prepare_drives(node_obj, pool, devices, lvm, vg_name, conditions)
         volumes = [Volume.from_dict(v) for v in self.kube.list(API, "Volume")]
         if vg_name and lvm.volume_group(vg_name) is not None:
-            self._reconcile_volumes(volumes, lvm, vg_name, endpoints)
+            keys = self._host_keys() if pool and pool.spec.security.dhchap else None
+            self._reconcile_volumes(volumes, lvm, vg_name, endpoints, keys)
         self._report_node(node_obj, devices, selected, lvm, vg_name, endpoints, ports, conditions)
 
     # --- pieces -----------------------------------------------------------------------
@@ -145,8 +151,24 @@ class Agent:
             conditions.append(Condition("DrivesReady", "True", "DrivesSelected", message))
         return set(paths)
 
+    def _host_keys(self) -> dict[str, str]:
+        """Host NQN -> DH-HMAC-CHAP secret, from the Secrets that hold them. The keys never
+        reach a log line, an object's status or an Event."""
+        keys = {}
+        for secret in self.kube.list("v1", "Secret", self.namespace, f"{KEY_LABEL}=true"):
+            nqn = (secret["metadata"].get("annotations") or {}).get(HOST_NQN_ANNOTATION)
+            data = (secret.get("data") or {}).get("key")
+            if nqn and data:
+                keys[nqn] = base64.b64decode(data).decode().strip()
+        return keys
+
     def _reconcile_volumes(
-        self, volumes: list[Volume], lvm: Lvm, vg: str, endpoints: list[Endpoint]
+        self,
+        volumes: list[Volume],
+        lvm: Lvm,
+        vg: str,
+        endpoints: list[Endpoint],
+        keys: dict[str, str] | None,
     ) -> None:
         errors: dict[str, str] = {}
         ready_volumes = []
@@ -172,7 +194,11 @@ class Agent:
             if not failed:
                 exportable.append(volume)
         fs = configfs.Fs(self.nvmet_root)
-        desired = desired_target(self.node, exportable, vg, endpoints)
+        keyless: frozenset[str] = frozenset()
+        if keys is not None:
+            # With authentication on, a host without a key is never allowed in.
+            keyless = frozenset(h for v in exportable for h in v.spec.hosts if h not in keys)
+        desired = desired_target(self.node, exportable, vg, endpoints, keys, keyless)
         try:
             configfs.apply(fs, plan(desired, configfs.observe(fs)))
         except configfs.ConfigfsError as exc:
