@@ -282,5 +282,5 @@ def test_a_guest_kernel_panic_is_retried_once_and_said(lab: Lab, scenario: Scena
 
     result, note = retry_after_guest_panic(lab, attempt, "sysrq")
     assert (result, len(calls)) == (GPU, 2)
-    assert note == f"; {GPU}'s kernel panicked in sysrq, retried once"
+    assert note == f"; {GPU}'s kernel panicked in sysrq, retries: 1"
     scenario.done(f"a panicked {GPU} was booted again and the attempt retried once")
