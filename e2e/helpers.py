@@ -78,6 +78,11 @@ def retry_after_guest_panic(
     raise AssertionError("unreachable")
 
 
+# How the kernel refuses a wrong DH-HMAC-CHAP key: mostly with the rejection itself; under
+# emulation sometimes only as an I/O error after its 60 s connect timeout.
+WRONG_KEY_REFUSALS = ("Key was rejected by service", "Input/output error")
+
+
 def fio_result(output: str) -> dict[str, Any]:
     """fio's JSON (the output may start with other lines)."""
     job: dict[str, Any] = json.loads(output[output.index("{") :])["jobs"][0]
