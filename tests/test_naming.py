@@ -56,6 +56,13 @@ def test_host_nqn_derives_from_the_node_identity() -> None:
     assert one.startswith("nqn.2014-08.org.nvmexpress:uuid:")
 
 
+def test_an_smbios_uuid_is_the_host_nqn_as_nvme_gen_hostnqn_makes_it() -> None:
+    smbios = "3F2504E0-4F89-11D3-9A0C-0305E82C3301\n"
+    assert naming.host_nqn(smbios) == (
+        "nqn.2014-08.org.nvmexpress:uuid:3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+    )
+
+
 @pytest.mark.parametrize("make", [naming.volume_id, naming.snapshot_id])
 def test_an_empty_name_is_refused(make: Callable[[str], str]) -> None:
     with pytest.raises(ValueError, match="must not be empty"):

@@ -72,3 +72,12 @@ def test_a_segment_is_ready_only_when_exported_everywhere() -> None:
         a.metadata.name
     ]
     assert failed.message == "nvmet: busy"
+
+
+def test_a_refused_host_is_left_out_and_said_on_a_ready_segment() -> None:
+    a = volume("pvc-a", ["node-1"], [HOST, OTHER])
+    refused = {OTHER: f"host {OTHER} is not allowed: nodes gpu-1, gpu-2 all claim it"}
+    done = desired_target("node-1", [a], VG, ENDPOINTS, blocked_hosts=frozenset(refused))
+    (status,) = segment_statuses("node-1", [a], done, ENDPOINTS, {}, refused)[a.metadata.name]
+    assert status.ready and status.hosts == [HOST]
+    assert status.message == refused[OTHER]

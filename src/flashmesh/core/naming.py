@@ -83,6 +83,16 @@ def namespace_nguid(nqn: str) -> str:
 
 
 def host_nqn(node_identity: str) -> str:
-    """A node's NVMe host NQN from a stable identity of the node (its machine id or SMBIOS
-    UUID), never from an /etc/nvme/hostnqn that cloned images share."""
-    return f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid5(_UUID_NAMESPACE, node_identity)}"
+    """A node's NVMe host NQN from a stable identity of the node, never from an
+    /etc/nvme/hostnqn that cloned images share. An SMBIOS UUID is used as it is (as
+    `nvme gen-hostnqn` does); any other identity is hashed into a UUID."""
+    try:
+        node_uuid = uuid.UUID(node_identity.strip())
+    except ValueError:
+        node_uuid = uuid.uuid5(_UUID_NAMESPACE, node_identity)
+    return f"nqn.2014-08.org.nvmexpress:uuid:{node_uuid}"
+
+
+def node_lease(node: str) -> str:
+    """The coordination Lease a storage node's agent renews as its heartbeat."""
+    return f"flashmesh-agent-{node}"

@@ -15,6 +15,8 @@ from flashmesh.core import serde
 GROUP = "flashmesh.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# The CSI driver's name: CSINode entries under it carry each node's host NQN as node id.
+CSI_DRIVER = f"csi.{GROUP}"
 
 
 # --- shared shapes ----------------------------------------------------------------------
@@ -192,6 +194,7 @@ class RdmaDevice:
 @dataclass
 class StorageNodeStatus:
     phase: str | None = None
+    host_nqn: str | None = field(default=None, metadata=serde.json_key("hostNQN"))
     drives: list[Drive] | None = None
     volume_group: VolumeGroup | None = None
     endpoints: list[Endpoint] | None = None

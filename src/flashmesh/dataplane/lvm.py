@@ -157,9 +157,18 @@ class Lvm:
 
     # --- segments ----------------------------------------------------------------------
 
-    def ensure_volume(self, vg: str, name: str, size: int) -> LogicalVolume:
-        """A thin volume of at least `size` bytes: made, or grown; never shrunk."""
+    def ensure_volume(
+        self, vg: str, name: str, size: int, origin: str | None = None
+    ) -> LogicalVolume:
+        """A thin volume of at least `size` bytes: made (empty, or as a writable thin
+        snapshot of `origin`, a copy that shares its blocks), or grown; never shrunk."""
         lv = self.logical_volume(vg, name)
+        if lv is None and origin is not None:
+            if self.logical_volume(vg, origin) is None:
+                raise LvmError(f"cannot copy {vg}/{origin}: it does not exist")
+            self._run("lvcreate", "--yes", "--snapshot", "--setactivationskip", "n",
+                      "--name", name, f"{vg}/{origin}")  # fmt: skip
+            lv = self._existing(vg, name)
         if lv is None:
             self._run("lvcreate", "--yes", "--thin", "--virtualsize", f"{size}b",
                       "--name", name, f"{vg}/{THIN_POOL}")  # fmt: skip

@@ -78,11 +78,15 @@ def segment_statuses(
     target: Target,
     endpoints: list[Endpoint],
     errors: dict[str, str],
+    refused: dict[str, str] | None = None,
 ) -> dict[str, list[SegmentStatus]]:
     """Per volume, the status entries of this node's segments: ready once the subsystem is
     exported with its namespace enabled, on every endpoint, to exactly the allowed hosts
-    (removed hosts already cut off); otherwise a message says what is missing."""
+    (removed hosts already cut off); otherwise a message says what is missing. A ready
+    segment's message says which of the volume's hosts were refused (refused: host NQN ->
+    why), since those are left out of its allowed hosts."""
     out: dict[str, list[SegmentStatus]] = {}
+    hosts_of = {v.metadata.name: v.spec.hosts for v in volumes}
     for seg in local_segments(node, volumes):
         sub = target.subsystems.get(seg.nqn)
         linked = all(seg.nqn in p.subsystems for p in target.ports.values()) and target.ports
@@ -90,12 +94,16 @@ def segment_statuses(
         message = errors.get(seg.nqn)
         if message is None and not (sub and enabled and linked):
             message = "not exported yet"
+        ready = message is None
+        if ready and refused:
+            why = [refused[h] for h in sorted(hosts_of[seg.volume]) if h in refused]
+            message = "; ".join(why) or None
         out.setdefault(seg.volume, []).append(
             SegmentStatus(
                 index=seg.segment.index,
                 replica=seg.segment.replica,
                 node=node,
-                ready=message is None,
+                ready=ready,
                 subsystem_nqn=seg.nqn,
                 endpoints=list(endpoints),
                 hosts=sorted(sub.allowed_hosts) if sub else [],

@@ -1,0 +1,248 @@
+"""The agent's loop: one pass reads everything it needs and makes the node match."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flashmesh.core import naming, resources
+from flashmesh.core.drives import BlockDevice, select_drives
+from flashmesh.core.hosts import duplicate_message, refusal_message, shared_host_nqns
+from flashmesh.core.resources import Condition, Endpoint, StorageNode, StoragePool, Volume
+from flashmesh.core.units import parse_bytes
+from flashmesh.dataplane import identity, process, rdma
+from flashmesh.dataplane.agent.node_status import NodeReport, Written, report_node
+from flashmesh.dataplane.agent.snapshots import reconcile_snapshots
+from flashmesh.dataplane.agent.volumes import VolumeReconciler
+from flashmesh.dataplane.inventory import inventory
+from flashmesh.dataplane.lvm import Lvm, LvmError
+from flashmesh.dataplane.process import CommandError, Runner
+from flashmesh.dataplane.target import configfs
+from flashmesh.kube import Kube, KubeError
+
+log = logging.getLogger(__name__)
+API = resources.API_VERSION
+NVME_PORT = 4420
+KEY_LABEL = f"{resources.GROUP}/dhchap-key"
+HOST_NQN_ANNOTATION = f"{resources.GROUP}/host-nqn"
+LEASE_SECONDS = 40
+
+
+@dataclass
+class Agent:
+    kube: Kube
+    node: str
+    address: str
+    port: int = NVME_PORT
+    nvmet_root: Path = configfs.NVMET_ROOT
+    runner: Runner = process.run
+    # Where the DH-HMAC-CHAP host keys and the node's Lease live.
+    namespace: str = "flashmesh-system"
+    identity_source: Path = identity.SMBIOS_UUID
+    _said: dict[str, str] = field(default_factory=dict)
+    _last_status: Written | None = None
+
+    @property
+    def finalizer(self) -> str:
+        return f"{resources.GROUP}/agent-{self.node}"
+
+    @property
+    def manager(self) -> str:
+        return f"flashmesh-agent-{self.node}"
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def run_forever(self, interval: float = 2.0) -> None:
+        while True:
+            try:
+                self.reconcile()
+            except Exception:  # keep serving; the next pass starts from what is there
+                log.exception("reconcile pass failed")
+            time.sleep(interval)
+
+    def reconcile(self) -> None:
+        node_obj = self._storage_node()
+        self._heartbeat()
+        node = StorageNode.from_dict(node_obj)
+        pool = self._pool(node.spec.pool)
+        devices = inventory(self.runner)
+        ports = rdma.discover()
+        endpoints = self._endpoints(ports, pool)
+        # nvmet and a target driver per transport served (no-ops once loaded).
+        modules = ["nvmet", *(f"nvmet-{e.transport}" for e in endpoints)]
+        process.check(self.runner, ["modprobe", "-a", *modules])
+        conditions: list[Condition] = []
+        own_nqn, refused = self._host_identity(node_obj, conditions)
+        lvm = Lvm(self.runner)
+        vg_name = naming.pool_volume_group(pool.metadata.name) if pool else None
+        selected: set[str] = set()
+        if pool and vg_name:
+            selected = self._prepare_drives(node_obj, pool, devices, lvm, vg_name, conditions)
+        if vg_name and lvm.volume_group(vg_name) is not None:
+            volumes = [Volume.from_dict(v) for v in self.kube.list(API, "Volume")]
+            keys = None
+            if pool and pool.spec.security.dhchap:
+                # With authentication on, a host without a key is never allowed in.
+                keys = self._host_keys()
+                for host in {h for v in volumes for h in v.spec.hosts} - set(keys):
+                    refused.setdefault(host, f"no DH-HMAC-CHAP key for {host}: {KEY_HINT}")
+            snapshots = reconcile_snapshots(
+                self.kube, lvm, self.node, vg_name, self.finalizer, self.manager
+            )
+            VolumeReconciler(
+                self.kube, self.node, self.finalizer, self.manager, self.nvmet_root,
+                lvm, vg_name, endpoints, keys, refused,
+            ).run(volumes, snapshots)  # fmt: skip
+        report = NodeReport(
+            devices, selected, vg_name, endpoints, ports, conditions, host_nqn=own_nqn
+        )
+        self._last_status = report_node(self.kube, node_obj, lvm, report, self._last_status)
+
+    # --- pieces -----------------------------------------------------------------------
+
+    def _storage_node(self) -> dict[str, Any]:
+        found = self.kube.get(API, "StorageNode", self.node)
+        if found is None:
+            log.info("registering StorageNode %s", self.node)
+            found = self.kube.create(
+                {"apiVersion": API, "kind": "StorageNode", "metadata": {"name": self.node}}
+            )
+        return found
+
+    def _heartbeat(self) -> None:
+        try:
+            self.kube.renew_lease(
+                self.namespace, naming.node_lease(self.node), self.node, LEASE_SECONDS
+            )
+        except KubeError as exc:  # the node still serves; its heartbeat goes stale
+            log.warning("lease %s/%s not renewed: %s", self.namespace, self.node, exc)
+
+    def _pool(self, name: str | None) -> StoragePool | None:
+        data = self.kube.get(API, "StoragePool", name) if name else None
+        return StoragePool.from_dict(data) if data else None
+
+    def _endpoints(self, ports: list[rdma.Port], pool: StoragePool | None) -> list[Endpoint]:
+        """tcp always; rdma when an active RDMA port carries the node's fabric address."""
+        can = ["tcp"]
+        if rdma.port_for_address(ports, self.address) is not None:
+            can.append("rdma")
+        wanted = pool.spec.transports if pool else can
+        return [Endpoint(t, self.address, self.port) for t in sorted(can) if t in wanted]
+
+    def _host_identity(
+        self, node_obj: dict[str, Any], conditions: list[Condition]
+    ) -> tuple[str | None, dict[str, str]]:
+        """This node's host NQN, and the host NQNs that no export may allow (each with why):
+        those claimed by two nodes, among StorageNodes and the CSI driver's CSINode
+        entries."""
+        try:
+            own = identity.host_nqn(self.identity_source)
+        except identity.IdentityError as exc:
+            conditions.append(Condition("HostNQNUnique", "Unknown", "NoIdentity", str(exc)))
+            own = None
+        claims = [(self.node, own)] if own else []
+        for other in self.kube.list(API, "StorageNode"):
+            name = other["metadata"]["name"]
+            nqn = (other.get("status") or {}).get("hostNQN")
+            if name != self.node and nqn:
+                claims.append((name, nqn))
+        for csinode in self.kube.list("storage.k8s.io/v1", "CSINode"):
+            for driver in (csinode.get("spec") or {}).get("drivers") or []:
+                if driver.get("name") == resources.CSI_DRIVER and driver.get("nodeID"):
+                    claims.append((csinode["metadata"]["name"], driver["nodeID"]))
+        shared = shared_host_nqns(claims)
+        refused = {nqn: refusal_message(nqn, nodes) for nqn, nodes in shared.items()}
+        if own in shared:
+            message = duplicate_message(own, self.node, shared[own])
+            conditions.append(Condition("HostNQNUnique", "False", "DuplicateHostNQN", message))
+            self._say(node_obj, "DuplicateHostNQN", message, warning=True)
+        elif own:
+            message = f"host NQN {own} is claimed by this node only"
+            conditions.append(Condition("HostNQNUnique", "True", "Unique", message))
+        return own, refused
+
+    def _prepare_drives(
+        self,
+        node_obj: dict[str, Any],
+        pool: StoragePool,
+        devices: list[BlockDevice],
+        lvm: Lvm,
+        vg: str,
+        conditions: list[Condition],
+    ) -> set[str]:
+        patterns = pool.spec.drives.path_patterns
+        min_size = parse_bytes(pool.spec.drives.min_size)
+        selection = select_drives(devices, patterns, min_size, vg)
+        problem = selection.problem(patterns, min_size)
+        if problem:
+            reason, message = problem
+            conditions.append(Condition("DrivesReady", "False", reason, message))
+            self._say(node_obj, reason, message, warning=True)
+        if not selection.selected:
+            return set()
+        paths = [d.path for d in selection.selected]
+        try:
+            lvm.ensure_volume_group(vg, paths)
+            lvm.ensure_thin_pool(vg)
+        except LvmError as exc:
+            conditions.append(Condition("DrivesReady", "False", "VolumeGroupFailed", str(exc)))
+            self._say(node_obj, "VolumeGroupFailed", str(exc), warning=True)
+            return set(paths)
+        if not problem:
+            message = f"volume group {vg} on {', '.join(paths)}"
+            conditions.append(Condition("DrivesReady", "True", "DrivesSelected", message))
+        return set(paths)
+
+    def _host_keys(self) -> dict[str, str]:
+        """Host NQN -> DH-HMAC-CHAP secret, from the Secrets that hold them. The keys never
+        reach a log line, an object's status or an Event."""
+        keys = {}
+        for secret in self.kube.list("v1", "Secret", self.namespace, f"{KEY_LABEL}=true"):
+            nqn = (secret["metadata"].get("annotations") or {}).get(HOST_NQN_ANNOTATION)
+            data = (secret.get("data") or {}).get("key")
+            if nqn and data:
+                keys[nqn] = base64.b64decode(data).decode().strip()
+        return keys
+
+    def _say(self, obj: dict[str, Any], reason: str, message: str, warning: bool = False) -> None:
+        """An Event, once per distinct message (not on every pass)."""
+        if self._said.get(reason) == message:
+            return
+        self._said[reason] = message
+        try:
+            self.kube.event(obj, reason, message, warning=warning, component=self.manager)
+        except KubeError as exc:
+            log.warning("event not recorded: %s", exc)
+
+
+KEY_HINT = (
+    f"a Secret in the agent's namespace labelled {KEY_LABEL}=true, annotated "
+    f"{HOST_NQN_ANNOTATION}=<host NQN>, with the key under data.key"
+)
+
+
+def main(
+    node: str,
+    address: str,
+    kubeconfig: str | None,
+    interval: float,
+    once: bool,
+    namespace: str = "flashmesh-system",
+) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    agent = Agent(Kube.from_kubeconfig(kubeconfig), node, address, namespace=namespace)
+    if once:
+        agent.reconcile()
+        return 0
+    try:
+        agent.run_forever(interval)
+    except KeyboardInterrupt:
+        pass
+    except CommandError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

@@ -1,0 +1,138 @@
+"""The agent's side of Volume objects: a thin logical volume per local segment (a copy of
+its source snapshot or volume when it has one), exported through nvmet to exactly the
+volume's hosts; each segment's status written back; a deleted volume's exports and logical
+volumes removed before this node's finalizer is."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashmesh.core import naming, resources, serde
+from flashmesh.core.resources import Endpoint, Snapshot, Volume
+from flashmesh.core.units import parse_bytes
+from flashmesh.dataplane.lvm import Lvm, LvmError
+from flashmesh.dataplane.target import configfs
+from flashmesh.dataplane.target.desired import (
+    LocalSegment,
+    desired_target,
+    local_segments,
+    segment_statuses,
+)
+from flashmesh.dataplane.target.model import Target
+from flashmesh.dataplane.target.planner import plan
+from flashmesh.kube import Kube
+
+log = logging.getLogger(__name__)
+API = resources.API_VERSION
+
+
+@dataclass
+class VolumeReconciler:
+    kube: Kube
+    node: str
+    finalizer: str
+    manager: str
+    nvmet_root: Path
+    lvm: Lvm
+    vg: str
+    endpoints: list[Endpoint]
+    # With authentication on, each allowed host's DH-HMAC-CHAP secret; None when off.
+    keys: dict[str, str] | None
+    # Host NQNs no export may allow, each with the reason a person reads in the status.
+    refused: dict[str, str]
+
+    def run(self, volumes: list[Volume], snapshots: dict[str, Snapshot]) -> None:
+        ours = [v for v in volumes if any(s.node == self.node for s in v.spec.segments)]
+        live = []
+        for volume in ours:
+            if volume.metadata.deletion_timestamp is not None:
+                continue
+            # The finalizer first: a logical volume made is never forgotten.
+            has = self.finalizer in (volume.metadata.finalizers or [])
+            if has or self.kube.add_finalizer(API, "Volume", volume.metadata.name, self.finalizer):
+                live.append(volume)
+        errors: dict[str, str] = {}
+        existing = {lv.name for lv in self.lvm.logical_volumes(self.vg)}
+        exportable = [v for v in live if self._ensure_volumes(v, existing, snapshots, errors)]
+        fs = configfs.Fs(self.nvmet_root)
+        desired = desired_target(
+            self.node, exportable, self.vg, self.endpoints, self.keys, frozenset(self.refused)
+        )
+        try:
+            configfs.apply(fs, plan(desired, configfs.observe(fs)))
+        except configfs.ConfigfsError as exc:
+            log.warning("nvmet: %s", exc)
+            for nqn in desired.subsystems:
+                errors.setdefault(nqn, f"nvmet: {exc}")
+        observed = configfs.observe(fs)
+        statuses = segment_statuses(self.node, live, observed, self.endpoints, errors, self.refused)
+        for name, entries in statuses.items():
+            body = {
+                "apiVersion": API,
+                "kind": "Volume",
+                "metadata": {"name": name},
+                "status": {"segments": [serde.to_dict(s) for s in entries]},
+            }
+            self.kube.apply_status(body, self.manager)
+        for volume in ours:
+            if volume.metadata.deletion_timestamp is not None:
+                self._release(volume, observed)
+
+    def _ensure_volumes(
+        self,
+        volume: Volume,
+        existing: set[str],
+        snapshots: dict[str, Snapshot],
+        errors: dict[str, str],
+    ) -> bool:
+        """This node's logical volumes of one volume, made or grown; False (and each
+        failure in errors) when one is not there yet."""
+        ok = True
+        for seg in local_segments(self.node, [volume]):
+            try:
+                origin = None if seg.lv in existing else self._origin(volume, seg, snapshots)
+                self.lvm.ensure_volume(self.vg, seg.lv, parse_bytes(seg.segment.size), origin)
+            except LvmError as exc:
+                errors[seg.nqn] = f"logical volume: {exc}"
+                ok = False
+        return ok
+
+    def _origin(
+        self, volume: Volume, seg: LocalSegment, snapshots: dict[str, Snapshot]
+    ) -> str | None:
+        """The logical volume a new segment starts as a copy of: the source snapshot's thin
+        volume, or the source volume's segment, which must be on this node."""
+        source = volume.spec.source
+        if source is None:
+            return None
+        key = (seg.segment.index, seg.segment.replica)
+        if source.volume:
+            return naming.segment_lv(source.volume, *key)
+        snapshot = snapshots.get(source.snapshot or "")
+        if snapshot is None:
+            raise LvmError(f"source Snapshot {source.snapshot} does not exist")
+        match = [s for s in snapshot.spec.segments if (s.index, s.replica) == key]
+        if not match:
+            raise LvmError(f"source Snapshot {source.snapshot} has no segment {key}")
+        if match[0].node != self.node:
+            raise LvmError(
+                f"source Snapshot {source.snapshot} keeps segment {key} on {match[0].node}: "
+                "a restored segment must be placed on its snapshot's node"
+            )
+        return match[0].thin_volume
+
+    def _release(self, volume: Volume, observed: Target) -> None:
+        """A deleted volume: once its exports here are gone (the plan removed them), its
+        logical volumes go, then this node's finalizer."""
+        if self.finalizer not in (volume.metadata.finalizers or []):
+            return
+        for seg in volume.spec.segments:
+            if seg.node != self.node:
+                continue
+            key = (volume.metadata.name, seg.index, seg.replica)
+            if naming.subsystem_nqn(*key) in observed.subsystems:
+                return  # not unexported yet: the next pass goes on
+            self.lvm.remove_volume(self.vg, naming.segment_lv(*key))
+        self.kube.remove_finalizer(API, "Volume", volume.metadata.name, self.finalizer)
