@@ -1,6 +1,6 @@
-"""The kernel lab for e2e scenarios: three VMs booted once per session inside the session's
+"""The kernel lab for e2e scenarios: four VMs booted once per session inside the session's
 lab namespace (see the repository's conftest.py): two storage nodes with emulated NVMe
-drives and one GPU node that connects to them."""
+drives and two GPU nodes that connect to them; and the storage agents, started once."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import GPU0, STORAGE0, STORAGE1, Scenario
+from agents import run_agents
+from helpers import GPU0, GPU1, STORAGE0, STORAGE1, Scenario
 
+from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.netns import LabNetwork
 from flashmesh.lab.vm import Lab
 
@@ -17,8 +19,14 @@ from flashmesh.lab.vm import Lab
 @pytest.fixture(scope="session")
 def lab(lab_network: LabNetwork, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with Lab(tmp_path_factory.mktemp("lab") / "vms", network=lab_network) as booted:
-        booted.up([STORAGE0, STORAGE1, GPU0])
+        booted.up([STORAGE0, STORAGE1, GPU0, GPU1])
         yield booted
+
+
+@pytest.fixture(scope="session")
+def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
+    """A storage agent running in each storage VM, with its pool and StorageNodes."""
+    yield from run_agents(lab, crds)
 
 
 @pytest.fixture(autouse=True)

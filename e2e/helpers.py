@@ -38,6 +38,8 @@ STORAGE1 = VmSpec(
     memory_mib=384,
 )
 GPU0 = VmSpec("gpu-0", 3, links=2)
+# A second host, for what one host does while another is cut off or refused.
+GPU1 = VmSpec("gpu-1", 4)
 
 
 @dataclass

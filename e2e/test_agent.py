@@ -5,13 +5,30 @@ when the Volume is deleted."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from agents import (
+    API,
+    NAMESPACE,
+    NODES,
+    POOL,
+    agent_log,
+    all_ready,
+    create_volume,
+    delete_and_wait,
+    exported,
+    logical_volumes,
+    node_name,
+    node_status,
+    segments,
+    set_hosts,
+    start_agent,
+)
 from helpers import (
     GPU0,
+    GPU1,
+    LIB,
     MIB,
     STORAGE0,
     STORAGE1,
@@ -22,99 +39,15 @@ from helpers import (
     sh,
 )
 
-from flashmesh.core import naming, resources
+from flashmesh.core import naming
 from flashmesh.dataplane.agent import HOST_NQN_ANNOTATION, KEY_LABEL
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
-from flashmesh.lab.netns import bridge_address
-from flashmesh.lab.vm import Lab, VmSpec, host_nqn
+from flashmesh.lab.vm import Lab, host_nqn
 
 pytestmark = pytest.mark.kernel
 
-API = resources.API_VERSION
-POOL = "agents"
-NODES = (STORAGE0, STORAGE1)
 GPU = GPU0.name
-
-
-UNEXPORT_ALL = (
-    "from flashmesh.dataplane.target import configfs as c, planner as p, model as m; "
-    "fs = c.Fs(c.NVMET_ROOT); c.apply(fs, p.plan(m.Target(), c.observe(fs)))"
-)
-
-
-def node_name(vm: str) -> str:
-    """The agents' StorageNode names, apart from the samples other tests create."""
-    return f"agent-{vm}"
-
-
-def agent_log(lab: Lab, vm: str) -> str:
-    return (lab.workdir / f"agent-{vm}.log").read_text(errors="replace")[-3000:]
-
-
-def start_agent(lab: Lab, spec: VmSpec) -> None:
-    """The agent as a long-running process in the VM, its log in the lab's share."""
-    lab.spawn(
-        spec.name,
-        f"exec {sys.executable} -m flashmesh.cli agent --node {node_name(spec.name)} "
-        f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig --interval 1 "
-        f">> /lab/agent-{spec.name}.log 2>&1",
-    )
-
-
-@pytest.fixture(scope="module")
-def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
-    """The pool and StorageNodes the operator will own (spec.pool set by hand until it
-    lands), and an agent running in each storage VM."""
-    kube = crds.kube
-    kube.create({
-        "apiVersion": API, "kind": "StoragePool", "metadata": {"name": POOL},
-        "spec": {"nodeSelector": {"matchLabels": {"pool": POOL}},
-                 "drives": {"pathPatterns": ["/dev/nvme*n1"], "minSize": "900Mi"},
-                 "transports": ["rdma", "tcp"]},
-    })  # fmt: skip
-    kubeconfig = lab.workdir / "agent.kubeconfig"  # in the lab's share: every VM sees it
-    kubeconfig.write_text(crds.portable_kubeconfig(bridge_address(0)))
-    # storage-0 has soft-RoCE on its fabric link, storage-1 has not; storage-1's third drive
-    # holds a filesystem that the pool's selection matches.
-    sh(lab, STORAGE0.name, "rxe_up eth0")
-    ext4 = lab.drive_serial(STORAGE1.name, 2)
-    sh(lab, STORAGE1.name, f"mkfs.ext4 -q -F $(drive_by_serial {ext4})")
-    for spec in NODES:
-        kube.create({"apiVersion": API, "kind": "StorageNode",
-                     "metadata": {"name": node_name(spec.name), "labels": {"pool": POOL}},
-                     "spec": {"pool": POOL}})  # fmt: skip
-        start_agent(lab, spec)
-    try:
-        yield crds
-    finally:
-        for spec in NODES:
-            lab.exec(spec.name, "pkill -f 'flashmesh.cli agent' || true", check=False)
-            # Whatever a failed test left exported goes, so later scenarios find a clean
-            # target: FlashMesh's own planner, asked for nothing.
-            lab.exec(spec.name, f"{sys.executable} -c '{UNEXPORT_ALL}'", check=False)
-
-
-def create_volume(kube: Any, csi_name: str, vms: list[str], segment: str, hosts: list[str]) -> str:
-    """A Volume striped over one segment per VM's node, as the CSI controller will write
-    it; its id."""
-    vid = naming.volume_id(csi_name)
-    segments = [
-        {"index": i, "replica": 0, "node": node_name(vm), "size": segment}
-        for i, vm in enumerate(vms)
-    ]
-    size = f"{len(vms) * int(segment.removesuffix('Mi'))}Mi"
-    kube.create({
-        "apiVersion": API, "kind": "Volume", "metadata": {"name": vid},
-        "spec": {"csiName": csi_name, "pool": POOL, "size": size,
-                 "layout": {"stripeWidth": len(vms), "replicas": 1},
-                 "segments": segments, "hosts": hosts},
-    })  # fmt: skip
-    return vid
-
-
-def node_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
-    return (cluster.kube.get(API, "StorageNode", name) or {}).get("status") or {}
 
 
 def test_agents_register_their_nodes_with_the_real_drives(
@@ -137,7 +70,21 @@ def test_agents_register_their_nodes_with_the_real_drives(
         assert all(not d["selected"] for d in status["drives"] if d["serial"] != serial)
         group = status["volumeGroup"]
         assert group["name"] == f"flashmesh-{POOL}" and group["thinPool"]["name"] == "thin"
-        assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Ready"]["status"] == "True"
+        # The host NQN from the VM's SMBIOS UUID, claimed by this node only.
+        assert status["hostNQN"] == host_nqn(spec.name)
+        assert conditions["HostNQNUnique"]["status"] == "True"
+        # The heartbeat: a Lease renewed on every pass.
+        lease = f"flashmesh-agent-{name}"
+
+        def renewed(lease: str = lease) -> str:
+            found = agents.kube.get("coordination.k8s.io/v1", "Lease", lease, NAMESPACE)
+            return str((found or {}).get("spec", {}).get("renewTime", ""))
+
+        first = renewed()
+        assert first, f"no Lease {NAMESPACE}/{lease}"
+        assert processes.wait_until(lambda f=first: renewed() > f, 60)
 
     # Soft-RoCE on storage-0's fabric address: rdma is advertised there, and only there.
     rdma0 = node_status(agents, node_name(STORAGE0.name))
@@ -172,35 +119,52 @@ def test_agents_register_their_nodes_with_the_real_drives(
     )
 
 
+# GPU-1 writes and verifies in a loop until /lab/stop-io exists; each pass says whether it
+# began before or after /lab/cut-done appeared, and how it ended.
+IO_LOOP = """
+rm -f /lab/io-loop.log
+while [ ! -e /lab/stop-io ]; do
+  when=before; [ -e /lab/cut-done ] && when=after
+  if fio_verify /dev/mapper/fmagent 16M > /lab/io-pass.json 2>&1 \\
+      && grep -q '"error" : 0' /lab/io-pass.json; then
+    echo "ok $when" >> /lab/io-loop.log
+  else
+    echo "FAIL $when" >> /lab/io-loop.log; cat /lab/io-pass.json >> /lab/io-loop.log; exit 1
+  fi
+done
+"""
+
+
+def connect_stripe(lab: Lab, gpu: str, nqns: list[str], ctrl_loss_tmo: int) -> list[str]:
+    """Connects a GPU VM to both segments and assembles them as /dev/mapper/fmagent."""
+    devices = [
+        sh(lab, gpu, f"modprobe nvme-tcp\nnvme connect -t tcp -a {n.address(0)} -s 4420 "
+                     f"-n {nqn} --ctrl-loss-tmo={ctrl_loss_tmo} --reconnect-delay=1\n"
+                     f"nvme_device {nqn}").strip()
+        for n, nqn in zip(NODES, nqns, strict=True)
+    ]  # fmt: skip
+    sh(lab, gpu, f"dmsetup create fmagent --table '0 262144 striped 2 128 "
+                 f"{devices[0]} 0 {devices[1]} 0'")  # fmt: skip
+    return devices
+
+
 def test_a_volume_is_exported_served_and_cleaned_up(
     lab: Lab, agents: LocalCluster, scenario: Scenario
 ) -> None:
     kube = agents.kube
-    gpu_nqn = host_nqn(GPU)
-    vid = create_volume(kube, "pvc-agent-e2e", [n.name for n in NODES], "64Mi", [gpu_nqn])
+    gpus = [host_nqn(GPU), host_nqn(GPU1.name)]
+    vid = create_volume(kube, "pvc-agent-e2e", [n.name for n in NODES], "64Mi", gpus)
     nqns = [naming.subsystem_nqn(vid, i, 0) for i in range(2)]
+    exported_ok = processes.wait_until(lambda: all_ready(kube, vid, 2), 300)
+    assert exported_ok, f"{segments(kube, vid)}\n{agent_log(lab, STORAGE0.name)}"
+    assert sorted(s["subsystemNQN"] for s in segments(kube, vid)) == nqns
+    assert all(s["hosts"] == sorted(gpus) for s in segments(kube, vid))
 
-    def segments() -> list[dict[str, Any]]:
-        volume = kube.get(API, "Volume", vid) or {}
-        return list((volume.get("status") or {}).get("segments") or [])
-
-    exported = processes.wait_until(
-        lambda: len(segments()) == 2 and all(s["ready"] for s in segments()), 300
-    )
-    assert exported, f"{segments()}\n{agent_log(lab, STORAGE0.name)}"
-    assert sorted(s["subsystemNQN"] for s in segments()) == nqns
-    assert all(s["hosts"] == [gpu_nqn] for s in segments())
-
-    # The allowed host connects to both segments and does verified I/O over a stripe.
-    devices = [
-        sh(lab, GPU, f"modprobe nvme-tcp\nnvme connect -t tcp -a {n.address(0)} -s 4420 "
-                     f"-n {nqn} --ctrl-loss-tmo=5 --reconnect-delay=1\nnvme_device {nqn}").strip()
-        for n, nqn in zip(NODES, nqns, strict=True)
-    ]  # fmt: skip
-    sh(lab, GPU, f"dmsetup create fmagent --table '0 262144 striped 2 128 "
-                 f"{devices[0]} 0 {devices[1]} 0'")  # fmt: skip
+    # Both allowed hosts connect to both segments; GPU-0 does verified I/O over a stripe.
+    devices = connect_stripe(lab, GPU, nqns, ctrl_loss_tmo=5)
     assert_verified(fio_result(sh(lab, GPU, "fio_verify /dev/mapper/fmagent 64M")), 64 * MIB)
     sh(lab, GPU, "dmsetup remove fmagent")
+    connect_stripe(lab, GPU1.name, nqns, ctrl_loss_tmo=120)
 
     # A node whose host NQN is not allowed is refused by the target kernel.
     refused = lab.exec(
@@ -210,38 +174,43 @@ def test_a_volume_is_exported_served_and_cleaned_up(
     )
     assert refused.rc != 0, refused.output
 
-    # Removing the host from the Volume cuts it off: its paths stop being live.
-    data = kube.get(API, "Volume", vid)
-    assert data is not None
-    data["spec"]["hosts"] = []
-    kube.replace(data)
+    # GPU-1's I/O runs while GPU-0 is removed from the Volume, which cuts GPU-0 off.
+    for marker in ("stop-io", "cut-done"):
+        (lab.workdir / marker).unlink(missing_ok=True)
+    io = lab.spawn(GPU1.name, f"set -e\nsource {LIB}\n{IO_LOOP}")
+    log = lab.workdir / "io-loop.log"
+    assert processes.wait_until(lambda: log.exists() and "ok" in log.read_text(), 120)
+    set_hosts(kube, vid, [gpus[1]])
     cut = processes.wait_until(
         lambda: all("=live" not in sh(lab, GPU, f"path_states {nqn}") for nqn in nqns), 180
     )
     assert cut, sh(lab, GPU, "nvme list-subsys")
-    # Its next I/O fails (connected with ctrl-loss-tmo=5: the refused reconnects end it).
+    (lab.workdir / "cut-done").touch()
+    # GPU-0's next I/O fails (connected with ctrl-loss-tmo=5: the refused reconnects end it).
     read = lab.exec(GPU, f"dd if={devices[0]} of=/dev/null bs=4k count=1 iflag=direct",
                     timeout=240, check=False)  # fmt: skip
     assert read.rc != 0, read.output
-    for nqn in nqns:
-        sh(lab, GPU, f"nvme disconnect -n {nqn} || true")
+    # GPU-1 kept working: every pass verified, including passes begun after the cut.
+    assert processes.wait_until(lambda: "ok after" in log.read_text(), 180), log.read_text()
+    (lab.workdir / "stop-io").touch()
+    finished = lab.wait(GPU1.name, io, timeout=180)
+    passes = log.read_text().split("\n")
+    assert finished.rc == 0 and "FAIL" not in log.read_text(), log.read_text()
+    for gpu in (GPU, GPU1.name):
+        sh(lab, gpu, "dmsetup remove fmagent || true")
+        for nqn in nqns:
+            sh(lab, gpu, f"nvme disconnect -n {nqn} || true")
 
     # Deleting the Volume leaves no subsystem, port link or logical volume behind.
-    kube.delete(API, "Volume", vid)
-    gone = processes.wait_until(lambda: kube.get(API, "Volume", vid) is None, 300)
-    assert gone, f"{kube.get(API, 'Volume', vid)}\n{agent_log(lab, STORAGE0.name)}"
+    assert delete_and_wait(kube, "Volume", vid), agent_log(lab, STORAGE0.name)
     for spec in NODES:
-        configfs = sh(
-            lab,
-            spec.name,
-            "ls /sys/kernel/config/nvmet/subsystems /sys/kernel/config/nvmet/ports/*/subsystems",
-        )
-        assert vid not in configfs, configfs
-        lvs = sh(lab, spec.name, f"lvs --noheadings -o lv_name flashmesh-{POOL}").split()
-        assert lvs == ["thin"], lvs
+        subsystems, links = exported(lab, spec.name)
+        assert vid not in " ".join(subsystems + links), (subsystems, links)
+        assert list(logical_volumes(lab, spec.name)) == ["thin"]
     scenario.done(
         "Volume exported on 2 nodes, host verified over a stripe, stranger refused, "
-        "removed host cut off, deletion left nothing"
+        f"removed host cut off while the other kept verifying ({len(passes) - 1} passes), "
+        "deletion left nothing"
     )
 
 
@@ -253,11 +222,7 @@ def test_a_rebooted_storage_node_exports_the_same_namespace_and_io_resumes(
     vid = create_volume(kube, "pvc-agent-reboot", [vm], "64Mi", [host_nqn(GPU)])
     nqn = naming.subsystem_nqn(vid, 0, 0)
 
-    def ready() -> bool:
-        status = (kube.get(API, "Volume", vid) or {}).get("status") or {}
-        return any(s["ready"] for s in status.get("segments") or [])
-
-    assert processes.wait_until(ready, 300), agent_log(lab, vm)
+    assert processes.wait_until(lambda: all_ready(kube, vid), 300), agent_log(lab, vm)
     device = sh(
         lab,
         GPU,
@@ -281,8 +246,7 @@ def test_a_rebooted_storage_node_exports_the_same_namespace_and_io_resumes(
     verified = fio_result(sh(lab, GPU, f"fio_verify {device} 32M --verify_only"))
     assert verified["error"] == 0 and verified["read"]["io_bytes"] == 32 * MIB
     sh(lab, GPU, f"nvme disconnect -n {nqn} || true")
-    kube.delete(API, "Volume", vid)
-    assert processes.wait_until(lambda: kube.get(API, "Volume", vid) is None, 300)
+    assert delete_and_wait(kube, "Volume", vid)
     scenario.done(
         "storage-1 pulled and rebooted: agent rebuilt the export, same NGUID, "
         "the connected host resumed and verified its data"
@@ -296,45 +260,58 @@ def test_with_authentication_only_the_keyed_host_gets_in_and_keys_rotate(
     vm = STORAGE0.name
     gpu = host_nqn(GPU)
     keys = [sh(lab, GPU, f"nvme gen-dhchap-key -n {gpu}").strip() for _ in range(2)]
-    if kube.get("v1", "Namespace", "flashmesh-system") is None:
-        kube.create({"apiVersion": "v1", "kind": "Namespace",
-                     "metadata": {"name": "flashmesh-system"}})  # fmt: skip
     secret = {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": {"name": "dhchap-gpu-0", "namespace": "flashmesh-system",
+        "metadata": {"name": "dhchap-gpu-0", "namespace": NAMESPACE,
                      "labels": {KEY_LABEL: "true"}, "annotations": {HOST_NQN_ANNOTATION: gpu}},
         "stringData": {"key": keys[0]},
     }  # fmt: skip
     kube.create(secret)
     kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": True}}})
-    vid = create_volume(kube, "pvc-agent-auth", [vm], "32Mi", [gpu])
+    keyless = host_nqn(GPU1.name)
+    vid = create_volume(kube, "pvc-agent-auth", [vm], "32Mi", [gpu, keyless])
     nqn = naming.subsystem_nqn(vid, 0, 0)
     host_key = f"cat /sys/kernel/config/nvmet/hosts/{gpu}/dhchap_key"
     connect = (
         f"modprobe nvme-tcp\n"
         f"nvme connect -t tcp -a {STORAGE0.address(0)} -s 4420 -n {nqn} --dhchap-secret="
     )
+
+    def keyless_left_out(kube: Any, vid: str) -> bool:
+        found = segments(kube, vid)
+        why = f"no DH-HMAC-CHAP key for {keyless}"
+        return (
+            len(found) == 1
+            and found[0]["hosts"] == [gpu]
+            and why in (found[0].get("message") or "")
+        )
+
     try:
         for active, stale in ((keys[0], keys[1]), (keys[1], keys[0])):
             assert processes.wait_until(
                 lambda k=active: sh(lab, vm, host_key, check=False).strip() == k, 300
             ), agent_log(lab, vm)
+            # A host without a key Secret is left out, and the status says why.
+            assert processes.wait_until(lambda: keyless_left_out(kube, vid), 60), segments(
+                kube, vid
+            )
             refused = lab.exec(GPU, f"{connect}'{stale}'", check=False)
             assert refused.rc != 0 and any(m in refused.output for m in WRONG_KEY_REFUSALS)
             device = sh(lab, GPU, f"{connect}'{active}'\nnvme_device {nqn}").strip()
             assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 16M")), 16 * MIB)
             sh(lab, GPU, f"nvme disconnect -n {nqn}")
             secret["stringData"] = {"key": keys[1]}  # rotate
-            current = kube.get("v1", "Secret", "dhchap-gpu-0", "flashmesh-system")
+            current = kube.get("v1", "Secret", "dhchap-gpu-0", NAMESPACE)
             assert current is not None
             kube.replace({**secret, "metadata": current["metadata"]})
     finally:
         sh(lab, GPU, f"nvme disconnect -n {nqn} || true")
         kube.delete(API, "Volume", vid)
         kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": False}}})
-        kube.delete("v1", "Secret", "dhchap-gpu-0", "flashmesh-system")
+        kube.delete("v1", "Secret", "dhchap-gpu-0", NAMESPACE)
     assert processes.wait_until(lambda: kube.get(API, "Volume", vid) is None, 300)
     scenario.done(
-        "DH-HMAC-CHAP from a Secret: stale key refused, right key verified, "
+        "DH-HMAC-CHAP from a Secret: stale key refused, right key verified, keyless host "
+        "left out, "
         "rotated key applied by the agent"
     )

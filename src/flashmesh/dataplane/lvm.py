@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 
 from flashmesh.core.naming import lv_device
-from flashmesh.dataplane import process
+from flashmesh.dataplane import faults, process
 from flashmesh.dataplane.process import CommandError, Runner
 
 THIN_POOL = "thin"
@@ -18,6 +18,8 @@ THIN_POOL = "thin"
 # metadata to grow and for lvm2's spare metadata volume.
 THIN_POOL_SHARE = "95%FREE"
 _REPORT = ("--reportformat", "json", "--units", "b", "--nosuffix")
+# The commands that only read; every other one changes the node.
+_READS = frozenset({"pvs", "vgs", "lvs"})
 
 
 class LvmError(RuntimeError):
@@ -110,6 +112,8 @@ class Lvm:
         self.runner = runner
 
     def _run(self, *argv: str) -> str:
+        if argv[0] not in _READS:
+            faults.before_change(" ".join(argv))
         try:
             return process.check(self.runner, argv).stdout
         except CommandError as exc:

@@ -1,7 +1,9 @@
-"""Where the Go-built control-plane binaries live, and building them when missing.
+"""Where the Go-built binaries live, and building them when missing.
 
 tools/build.sh builds each component from its Go module into a cache outside the
-repository, one folder per component and version (tools/versions.env names them).
+repository, one folder per component and version (tools/versions.env names them): the
+control plane (etcd, Kubernetes, kwok), the CSI sidecars with snapshot-controller and the
+VolumeSnapshot CRDs, csi-sanity and helm.
 """
 
 from __future__ import annotations
@@ -76,5 +78,72 @@ def ensure() -> Binaries:
     if all(path.is_file() for path in found.all()):
         return found
     say("building the control plane from Go modules (cold: tens of minutes on 2 cores)")
-    subprocess.run(["bash", str(TOOLS / "build.sh")], check=True)
+    subprocess.run(["bash", str(TOOLS / "build.sh"), "k8s", "etcd", "kwok"], check=True)
     return locate()
+
+
+@dataclass(frozen=True)
+class CsiTools:
+    """Paths of the CSI sidecars, snapshot-controller and its CRDs, csi-sanity and helm."""
+
+    csi_provisioner: Path
+    csi_attacher: Path
+    csi_resizer: Path
+    csi_snapshotter: Path
+    snapshot_controller: Path
+    snapshot_crds: Path  # the VolumeSnapshot and VolumeGroupSnapshot CRD yamls, to apply
+    csi_sanity: Path
+    helm: Path
+
+    def all(self) -> list[Path]:
+        """Every binary (not the CRD folder)."""
+        return [
+            self.csi_provisioner,
+            self.csi_attacher,
+            self.csi_resizer,
+            self.csi_snapshotter,
+            self.snapshot_controller,
+            self.csi_sanity,
+            self.helm,
+        ]
+
+    def crd_files(self) -> list[Path]:
+        return sorted(self.snapshot_crds.glob("*.yaml"))
+
+
+def csi_dir(v: dict[str, str] | None = None) -> Path:
+    """The CSI sidecars' folder, named after every release it holds (as tools/build.sh)."""
+    v = versions() if v is None else v
+    name = (
+        f"csi-provisioner-{v['CSI_PROVISIONER_VERSION']}"
+        f"-attacher-{v['CSI_ATTACHER_VERSION']}"
+        f"-resizer-{v['CSI_RESIZER_VERSION']}"
+        f"-snapshotter-{v['CSI_SNAPSHOTTER_VERSION']}"
+    )
+    return cache_dir() / "bin" / name
+
+
+def locate_csi() -> CsiTools:
+    v = versions()
+    bin_dir = cache_dir() / "bin"
+    csi = csi_dir(v)
+    return CsiTools(
+        csi_provisioner=csi / "csi-provisioner",
+        csi_attacher=csi / "csi-attacher",
+        csi_resizer=csi / "csi-resizer",
+        csi_snapshotter=csi / "csi-snapshotter",
+        snapshot_controller=csi / "snapshot-controller",
+        snapshot_crds=csi / "crds",
+        csi_sanity=bin_dir / f"csi-sanity-{v['CSI_SANITY_VERSION']}" / "csi-sanity",
+        helm=bin_dir / f"helm-{v['HELM_VERSION']}" / "helm",
+    )
+
+
+def ensure_csi() -> CsiTools:
+    """The CSI tools, built first (with progress on stderr) if any is missing."""
+    found = locate_csi()
+    if all(path.is_file() for path in found.all()) and found.crd_files():
+        return found
+    say("building the CSI sidecars, csi-sanity and helm from Go modules (cold: minutes)")
+    subprocess.run(["bash", str(TOOLS / "build.sh"), "csi", "sanity", "helm"], check=True)
+    return locate_csi()

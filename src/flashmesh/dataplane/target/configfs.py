@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from flashmesh.dataplane import faults
 from flashmesh.dataplane.target.model import Host, Namespace, Port, Subsystem, Target
 from flashmesh.dataplane.target.planner import Action, subsystem_path
 
@@ -120,6 +121,7 @@ def apply(fs: Fs, actions: list[Action], debugfs: Path = NVMET_DEBUGFS) -> None:
     applied stays: the next plan starts from there."""
     for action in actions:
         log.info("nvmet: %s", action)
+        faults.before_change(str(action))
         try:
             if action.op == "mkdir":
                 fs.mkdir(action.path)

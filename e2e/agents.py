@@ -1,0 +1,154 @@
+"""Shared pieces of the storage agent scenarios: the agents' pool and nodes, starting and
+stopping an agent in a VM, and Volumes written as the CSI controller will write them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from helpers import STORAGE0, STORAGE1, sh
+
+from flashmesh.core import naming, resources
+from flashmesh.kube import Kube
+from flashmesh.lab import processes
+from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.netns import bridge_address
+from flashmesh.lab.vm import Lab, VmSpec
+
+API = resources.API_VERSION
+POOL = "agents"
+NODES = (STORAGE0, STORAGE1)
+NAMESPACE = "flashmesh-system"
+
+UNEXPORT_ALL = (
+    "from flashmesh.dataplane.target import configfs as c, planner as p, model as m; "
+    "fs = c.Fs(c.NVMET_ROOT); c.apply(fs, p.plan(m.Target(), c.observe(fs)))"
+)
+
+
+def node_name(vm: str) -> str:
+    """The agents' StorageNode names, apart from the samples other tests create."""
+    return f"agent-{vm}"
+
+
+def agent_log(lab: Lab, vm: str) -> str:
+    return (lab.workdir / f"agent-{vm}.log").read_text(errors="replace")[-3000:]
+
+
+def agent_command(spec: VmSpec, extra: str = "") -> str:
+    return (
+        f"{sys.executable} -m flashmesh.cli agent --node {node_name(spec.name)} "
+        f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig {extra}"
+        f">> /lab/agent-{spec.name}.log 2>&1"
+    )
+
+
+def start_agent(lab: Lab, spec: VmSpec) -> None:
+    """The agent as a long-running process in the VM, its log in the lab's share."""
+    lab.spawn(spec.name, f"exec {agent_command(spec, '--interval 1 ')}")
+
+
+def stop_agent(lab: Lab, spec: VmSpec) -> None:
+    lab.exec(spec.name, "pkill -f 'flashmesh.cli agent' || true", check=False)
+    assert processes.wait_until(
+        lambda: lab.exec(spec.name, "pgrep -f 'flashmesh.cli agent'", check=False).rc != 0, 60
+    )
+
+
+def run_agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
+    """The pool and StorageNodes the operator will own (spec.pool set by hand until it
+    lands), the agents' namespace, and an agent running in each storage VM."""
+    kube = crds.kube
+    kube.create({
+        "apiVersion": API, "kind": "StoragePool", "metadata": {"name": POOL},
+        "spec": {"nodeSelector": {"matchLabels": {"pool": POOL}},
+                 "drives": {"pathPatterns": ["/dev/nvme*n1"], "minSize": "900Mi"},
+                 "transports": ["rdma", "tcp"]},
+    })  # fmt: skip
+    if kube.get("v1", "Namespace", NAMESPACE) is None:
+        kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    kubeconfig = lab.workdir / "agent.kubeconfig"  # in the lab's share: every VM sees it
+    kubeconfig.write_text(crds.portable_kubeconfig(bridge_address(0)))
+    # storage-0 has soft-RoCE on its fabric link, storage-1 has not; storage-1's third drive
+    # holds a filesystem that the pool's selection matches.
+    sh(lab, STORAGE0.name, "rxe_up eth0")
+    ext4 = lab.drive_serial(STORAGE1.name, 2)
+    sh(lab, STORAGE1.name, f"mkfs.ext4 -q -F $(drive_by_serial {ext4})")
+    for spec in NODES:
+        kube.create({"apiVersion": API, "kind": "StorageNode",
+                     "metadata": {"name": node_name(spec.name), "labels": {"pool": POOL}},
+                     "spec": {"pool": POOL}})  # fmt: skip
+        start_agent(lab, spec)
+    try:
+        yield crds
+    finally:
+        for spec in NODES:
+            lab.exec(spec.name, "pkill -f 'flashmesh.cli agent' || true", check=False)
+            # Whatever a failed test left exported goes, so later scenarios find a clean
+            # target: FlashMesh's own planner, asked for nothing.
+            lab.exec(spec.name, f"{sys.executable} -c '{UNEXPORT_ALL}'", check=False)
+
+
+def create_volume(
+    kube: Kube,
+    csi_name: str,
+    vms: list[str],
+    segment: str,
+    hosts: list[str],
+    source: dict[str, str] | None = None,
+) -> str:
+    """A Volume striped over one segment per VM's node, as the CSI controller will write
+    it; its id."""
+    vid = naming.volume_id(csi_name)
+    segments = [
+        {"index": i, "replica": 0, "node": node_name(vm), "size": segment}
+        for i, vm in enumerate(vms)
+    ]
+    size = f"{len(vms) * int(segment.removesuffix('Mi'))}Mi"
+    spec = {"csiName": csi_name, "pool": POOL, "size": size,
+            "layout": {"stripeWidth": len(vms), "replicas": 1},
+            "segments": segments, "hosts": hosts}  # fmt: skip
+    if source:
+        spec["source"] = source
+    kube.create({"apiVersion": API, "kind": "Volume", "metadata": {"name": vid}, "spec": spec})
+    return vid
+
+
+def set_hosts(kube: Kube, vid: str, hosts: list[str]) -> None:
+    data = kube.get(API, "Volume", vid)
+    assert data is not None
+    data["spec"]["hosts"] = hosts
+    kube.replace(data)
+
+
+def segments(kube: Kube, vid: str) -> list[dict[str, Any]]:
+    volume = kube.get(API, "Volume", vid) or {}
+    return list((volume.get("status") or {}).get("segments") or [])
+
+
+def all_ready(kube: Kube, vid: str, count: int = 1) -> bool:
+    found = segments(kube, vid)
+    return len(found) == count and all(s["ready"] for s in found)
+
+
+def delete_and_wait(kube: Kube, kind: str, name: str, timeout: float = 300) -> bool:
+    kube.delete(API, kind, name)
+    return processes.wait_until(lambda: kube.get(API, kind, name) is None, timeout)
+
+
+def node_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
+    return (cluster.kube.get(API, "StorageNode", name) or {}).get("status") or {}
+
+
+def exported(lab: Lab, vm: str) -> tuple[list[str], list[str]]:
+    """The subsystems in a storage VM's nvmet configfs, and its ports' subsystem links."""
+    subsystems = sh(lab, vm, "ls /sys/kernel/config/nvmet/subsystems").split()
+    links = sh(lab, vm, "ls /sys/kernel/config/nvmet/ports/*/subsystems").split()
+    return subsystems, [x for x in links if x.startswith("nqn.")]
+
+
+def logical_volumes(lab: Lab, vm: str) -> dict[str, int]:
+    """The pool's logical volumes in a storage VM, with their sizes in bytes."""
+    out = sh(lab, vm, f"lvs --noheadings --units b --nosuffix -o lv_name,lv_size flashmesh-{POOL}")
+    return {name: int(size) for name, size in (line.split() for line in out.splitlines())}

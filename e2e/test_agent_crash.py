@@ -1,0 +1,118 @@
+"""Crash safety: the agent SIGKILLed at 20 points while it reconciles 10 volumes (making
+them, then deleting, growing and closing some), each time just before one of its changes
+to the node (FLASHMESH_CRASH_AT). Restarted, it converges: every volume exported as its
+object says, and nothing left over in configfs or LVM."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from agents import (
+    API,
+    agent_command,
+    agent_log,
+    all_ready,
+    create_volume,
+    delete_and_wait,
+    exported,
+    logical_volumes,
+    node_name,
+    segments,
+    set_hosts,
+    start_agent,
+    stop_agent,
+)
+from helpers import GPU0, MIB, STORAGE0, Scenario, sh
+
+from flashmesh.core import naming, resources
+from flashmesh.dataplane import faults
+from flashmesh.lab import processes
+from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.vm import Lab, host_nqn
+
+pytestmark = pytest.mark.kernel
+
+VM = STORAGE0.name
+NVMET = "/sys/kernel/config/nvmet"
+# (kills, changes made before each kill) per phase: 20 kills in all.
+MAKING = (14, 6)
+CHANGING = (6, 3)
+
+
+def killed_pass(lab: Lab, after: int) -> None:
+    """One agent pass that SIGKILLs itself just before its change number `after`."""
+    done = lab.exec(VM, f"{faults.ENV}={after} {agent_command(STORAGE0, '--once ')}", check=False)
+    assert done.rc == 128 + 9, f"not killed (rc {done.rc}): {agent_log(lab, VM)}"
+
+
+def test_the_agent_killed_at_20_points_converges_and_leaks_nothing(
+    lab: Lab, agents: LocalCluster, scenario: Scenario
+) -> None:
+    kube = agents.kube
+    gpu = host_nqn(GPU0.name)
+    log_start = len((lab.workdir / f"agent-{VM}.log").read_bytes())
+    stop_agent(lab, STORAGE0)
+    vids = [create_volume(kube, f"pvc-agent-crash-{i}", [VM], "16Mi", [gpu]) for i in range(10)]
+    deleted, grown, closed = vids[:4], vids[4:7], vids[7:]
+    try:
+        kills, after = MAKING
+        for _ in range(kills):
+            killed_pass(lab, after)
+        for vid in deleted:
+            kube.delete(API, "Volume", vid)
+        for vid in grown:
+            data = kube.get(API, "Volume", vid)
+            assert data is not None
+            data["spec"]["size"] = "24Mi"
+            data["spec"]["segments"][0]["size"] = "24Mi"
+            kube.replace(data)
+        for vid in closed:
+            set_hosts(kube, vid, [])
+        kills, after = CHANGING
+        for _ in range(kills):
+            killed_pass(lab, after)
+    finally:
+        start_agent(lab, STORAGE0)
+
+    log = (lab.workdir / f"agent-{VM}.log").read_bytes()[log_start:].decode(errors="replace")
+    points = re.findall(r"crash point: SIGKILL before change \d+ \((\S+) (\S+)", log)
+    assert len(points) == MAKING[0] + CHANGING[0], log[-3000:]
+
+    live = grown + closed
+    converged = processes.wait_until(
+        lambda: (
+            all(kube.get(API, "Volume", v) is None for v in deleted)
+            and all(all_ready(kube, v) for v in live)
+        ),
+        300,
+    )
+    assert converged, f"{[segments(kube, v) for v in live]}\n{agent_log(lab, VM)}"
+    # Exactly what the objects say, and nothing else: subsystems, port links, hosts, LVs.
+    nqns = {naming.subsystem_nqn(v, 0, 0) for v in live}
+    subsystems, links = exported(lab, VM)
+    ports = sh(lab, VM, f"ls {NVMET}/ports").split()
+    assert set(subsystems) == nqns, subsystems
+    assert sorted(links) == sorted(list(nqns) * len(ports)), links
+    for vid in live:
+        nqn = naming.subsystem_nqn(vid, 0, 0)
+        allowed = sh(lab, VM, f"ls {NVMET}/subsystems/{nqn}/allowed_hosts").split()
+        assert allowed == ([gpu] if vid in grown else []), (vid, allowed)
+        nguid = sh(lab, VM, f"cat {NVMET}/subsystems/{nqn}/namespaces/1/device_nguid").strip()
+        assert nguid == naming.namespace_nguid(nqn)
+        assert sh(lab, VM, f"cat {NVMET}/subsystems/{nqn}/namespaces/1/enable").strip() == "1"
+    assert sh(lab, VM, f"ls {NVMET}/hosts").split() == [gpu]
+    expected = {naming.segment_lv(v, 0, 0): (24 if v in grown else 16) * MIB for v in live}
+    assert logical_volumes(lab, VM) == {"thin": logical_volumes(lab, VM)["thin"], **expected}
+    finalizer = f"{resources.GROUP}/agent-{node_name(VM)}"
+    for vid in live:
+        assert finalizer in (kube.get(API, "Volume", vid) or {})["metadata"]["finalizers"]
+
+    for vid in live:
+        assert delete_and_wait(kube, "Volume", vid), agent_log(lab, VM)
+    kinds = sorted({f"{op} {arg.rsplit('/', 1)[-1]}" if "/" in arg else op for op, arg in points})
+    scenario.done(
+        f"agent SIGKILLed at {len(points)} points over 10 volumes, before {len(kinds)} kinds "
+        f"of change ({', '.join(kinds)}); "
+        "converged with no leftover subsystem, link, host or LV"
+    )

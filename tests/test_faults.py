@@ -1,0 +1,35 @@
+"""The crash point really kills the process, at the change it names and not before."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from flashmesh.dataplane import faults
+
+CHANGES = """
+from flashmesh.dataplane import faults
+for n in range(1, 6):
+    faults.before_change(f"change {n}")
+    print(f"made {n}", flush=True)
+"""
+
+
+def run(crash_at: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+    if crash_at:
+        env[faults.ENV] = crash_at
+    return subprocess.run([sys.executable, "-c", CHANGES], env=env, capture_output=True, text=True)
+
+
+def test_the_process_is_killed_just_before_the_nth_change() -> None:
+    done = run("3")
+    assert done.returncode == -signal.SIGKILL
+    assert done.stdout.split("\n")[:-1] == ["made 1", "made 2"]
+
+
+def test_without_the_variable_nothing_happens() -> None:
+    done = run(None)
+    assert done.returncode == 0 and done.stdout.count("made") == 5
