@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the control-plane binaries from their Go modules, through the module proxy, into
-# a cache outside the repository ($FLASHMESH_CACHE, default ~/.cache/flashmesh), one folder
-# per component and version. A folder that is complete is reused; nothing is rebuilt.
-#   usage: tools/build.sh [k8s|etcd|kwok ...]   (default: all)
+# Builds the control-plane binaries, the CSI sidecars, csi-sanity and helm from their Go
+# modules, through the module proxy, into a cache outside the repository ($FLASHMESH_CACHE,
+# default ~/.cache/flashmesh), one folder per component and version. A folder that is
+# complete is reused; nothing is rebuilt.
+#   usage: tools/build.sh [k8s|etcd|kwok|csi|sanity|helm ...]   (default: all)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -64,14 +65,77 @@ build_kwok() {
   chmod -R u+w "$OUT/stages"
 }
 
+# The CSI sidecars and snapshot-controller, each stamped with its own release (they print
+# main.version for --version), plus the snapshot CRDs that snapshot-controller serves.
+# run_build calls this in an || list, where set -e is off: every step checks itself.
+build_csi() {
+  local m=github.com/kubernetes-csi line name pkg module want got
+  for line in \
+    "csi-provisioner external-provisioner/v6 cmd/csi-provisioner $CSI_PROVISIONER_VERSION" \
+    "csi-attacher external-attacher/v4 cmd/csi-attacher $CSI_ATTACHER_VERSION" \
+    "csi-resizer external-resizer/v2 cmd/csi-resizer $CSI_RESIZER_VERSION" \
+    "csi-snapshotter external-snapshotter/v8 cmd/csi-snapshotter $CSI_SNAPSHOTTER_VERSION" \
+    "snapshot-controller external-snapshotter/v8 cmd/snapshot-controller $CSI_SNAPSHOTTER_VERSION" \
+    "- external-snapshotter/client/v8 - $CSI_SNAPSHOTTER_VERSION"; do
+    read -r name module pkg want <<<"$line"
+    # tools/csi/go.mod pins the modules; it must agree with versions.env.
+    got=$(cd "$here/csi" && go list -m -f '{{.Version}}' "$m/$module") || return 1
+    if [ "$got" != "$want" ]; then
+      echo "tools/csi/go.mod has $m/$module $got, versions.env says $want" >&2; return 1
+    fi
+    [ "$name" = - ] && continue
+    (cd "$here/csi" && go build -ldflags="-s -w -X main.version=$want" -o "$OUT/$name" \
+       "$m/$module/$pkg") || return 1
+  done
+  # The VolumeSnapshot CRDs ship in the client module (kustomization.yaml is not one).
+  local crds
+  crds="$(cd "$here/csi" && go list -m -f '{{.Dir}}' "$m/external-snapshotter/client/v8")" \
+    || return 1
+  crds="$crds/config/crd"
+  mkdir -p "$OUT/crds" || return 1
+  find "$crds" -maxdepth 1 -name '*.yaml' ! -name kustomization.yaml -exec cp {} "$OUT/crds/" \; \
+    || return 1
+  chmod -R u+w "$OUT/crds" || return 1
+  [ -n "$(ls "$OUT/crds")" ] || { echo "no snapshot CRDs in $crds" >&2; return 1; }
+}
+
+build_sanity() {
+  GOBIN="$OUT" go install -ldflags="-s -w -X main.VERSION=$CSI_SANITY_VERSION" \
+    "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION"
+}
+
+build_helm() {
+  local v=$HELM_VERSION p=helm.sh/helm/v3 gomod kv major minor
+  # As helm's Makefile does: stamp the release, and the Kubernetes version that
+  # `helm template` and `helm lint` assume, taken from the client-go helm builds with.
+  gomod=$(go mod download -json "$p@$v" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+  kv=$(awk '$1 == "k8s.io/client-go" { sub(/^v/, "", $2); print $2 }' "$gomod" 2>/dev/null)
+  case $kv in [0-9]*.[0-9]*) ;; *) echo "no k8s.io/client-go version in helm's go.mod" >&2; return 1 ;; esac
+  major=$(( ${kv%%.*} + 1 )); minor=$(echo "$kv" | cut -d. -f2)
+  local ldf="-s -w -X $p/internal/version.version=$v -X $p/internal/version.gitTreeState=clean"
+  ldf="$ldf -X $p/pkg/lint/rules.k8sVersionMajor=$major -X $p/pkg/lint/rules.k8sVersionMinor=$minor"
+  ldf="$ldf -X $p/pkg/chartutil.k8sVersionMajor=$major -X $p/pkg/chartutil.k8sVersionMinor=$minor"
+  GOBIN="$OUT" go install -ldflags="$ldf" "$p/cmd/helm@$v"
+}
+
+# The CSI folder is named after every release it holds.
+csi_dir="$cache/bin/csi-provisioner-$CSI_PROVISIONER_VERSION-attacher-$CSI_ATTACHER_VERSION"
+csi_dir="$csi_dir-resizer-$CSI_RESIZER_VERSION-snapshotter-$CSI_SNAPSHOTTER_VERSION"
+
 targets=("$@")
-[ ${#targets[@]} = 0 ] && targets=(k8s etcd kwok)
+[ ${#targets[@]} = 0 ] && targets=(k8s etcd kwok csi sanity helm)
 for t in "${targets[@]}"; do
   case $t in
     k8s)  run_build kubernetes "$cache/bin/kubernetes-$KUBERNETES_VERSION" \
             kube-apiserver kube-controller-manager kube-scheduler kubectl -- build_k8s ;;
     etcd) run_build etcd "$cache/bin/etcd-$ETCD_VERSION" etcd etcdctl -- build_etcd ;;
     kwok) run_build kwok "$cache/bin/kwok-$KWOK_VERSION" kwok -- build_kwok ;;
-    *) echo "tools/build.sh: unknown target '$t' (use k8s, etcd or kwok)" >&2; exit 2 ;;
+    csi)  run_build csi "$csi_dir" csi-provisioner csi-attacher csi-resizer csi-snapshotter \
+            snapshot-controller -- build_csi ;;
+    sanity) run_build csi-sanity "$cache/bin/csi-sanity-$CSI_SANITY_VERSION" csi-sanity \
+            -- build_sanity ;;
+    helm) run_build helm "$cache/bin/helm-$HELM_VERSION" helm -- build_helm ;;
+    *) echo "tools/build.sh: unknown target '$t' (use k8s, etcd, kwok, csi, sanity or helm)" >&2
+       exit 2 ;;
   esac
 done
