@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint unit demo clean
+.PHONY: setup test lint unit demo clean proto
 
 setup:
 	bash scripts/setup.sh
@@ -27,3 +27,9 @@ demo:
 
 clean:
 	$(BIN)/flashmesh lab cluster down || true
+
+# The CSI stubs, from the vendored csi.proto (committed; tests/test_proto.py checks them).
+PROTO := src/flashmesh/csi_driver/_proto/csi.proto
+proto:
+	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --pyi_out=src \
+	  --grpc_python_out=src $(PROTO)

@@ -23,6 +23,14 @@ def _agent(args: argparse.Namespace) -> int:
     return agent.main(args.node, args.address, args.kubeconfig, args.interval, args.once)
 
 
+def _csi(args: argparse.Namespace) -> int:
+    from flashmesh.csi_driver import main
+
+    return main.run(
+        args.mode, args.endpoint, args.kubeconfig, args.namespace, args.fabric, args.wait
+    )
+
+
 def _lab(args: argparse.Namespace) -> int:
     # Imported here: the lab is a development tool, and the product's subcommands must not
     # pay for (or depend on) it.
@@ -46,9 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--once", action="store_true", help="one pass, then exit")
     agent.set_defaults(func=_agent)
 
+    csi = sub.add_parser("csi", help="run the CSI driver (controller and/or node service)")
+    csi.add_argument("--mode", choices=["controller", "node", "all"], required=True)
+    csi.add_argument(
+        "--endpoint",
+        default="unix:///csi/csi.sock",
+        help="unix:///path/to/socket, or host:port (the lab's node plugin in a VM)",
+    )
+    csi.add_argument("--kubeconfig", help="default: the pod's service account")
+    csi.add_argument(
+        "--namespace", default="flashmesh-system", help="where agents' Leases and keys live"
+    )
+    csi.add_argument(
+        "--fabric", default="default", help="the NVMe-oF fabric this driver serves (topology)"
+    )
+    csi.add_argument(
+        "--wait", type=float, default=120.0, help="seconds a call waits for the storage agents"
+    )
+    csi.set_defaults(func=_csi)
+
     for name, help_text in [
         ("operator", "run the operator (StoragePools, StorageNodes, TrainingWorkloads)"),
-        ("csi", "run the CSI driver (controller and/or node service)"),
         ("status", "show the pools, nodes and volumes of a cluster"),
         ("bench", "run the benchmarks"),
     ]:

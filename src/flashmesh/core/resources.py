@@ -256,6 +256,7 @@ class SegmentStatus:
     endpoints: list[Endpoint] | None = None
     hosts: list[str] | None = None
     message: str | None = None
+    size: str | None = None
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flashmesh.core import naming, resources, serde
 from flashmesh.core.resources import Endpoint, Snapshot, Volume
-from flashmesh.core.units import parse_bytes
+from flashmesh.core.units import format_bytes, parse_bytes
 from flashmesh.dataplane.lvm import Lvm, LvmError
 from flashmesh.dataplane.target import configfs
 from flashmesh.dataplane.target.desired import (
@@ -54,8 +54,11 @@ class VolumeReconciler:
             if has or self.kube.add_finalizer(API, "Volume", volume.metadata.name, self.finalizer):
                 live.append(volume)
         errors: dict[str, str] = {}
-        existing = {lv.name for lv in self.lvm.logical_volumes(self.vg)}
-        exportable = [v for v in live if self._ensure_volumes(v, existing, snapshots, errors)]
+        sizes: dict[str, int] = {}
+        existing = {lv.name: lv.size for lv in self.lvm.logical_volumes(self.vg)}
+        exportable = [
+            v for v in live if self._ensure_volumes(v, existing, snapshots, errors, sizes)
+        ]
         fs = configfs.Fs(self.nvmet_root)
         desired = desired_target(
             self.node, exportable, self.vg, self.endpoints, self.keys, frozenset(self.refused)
@@ -66,8 +69,15 @@ class VolumeReconciler:
             log.warning("nvmet: %s", exc)
             for nqn in desired.subsystems:
                 errors.setdefault(nqn, f"nvmet: {exc}")
+        for nqn, lv in self._grown(existing, sizes, live):
+            # The namespace reads its new size only when told; hosts then get an event.
+            configfs.revalidate_size(fs, nqn)
+            log.info("grew %s to %d bytes", lv, sizes[nqn])
         observed = configfs.observe(fs)
-        statuses = segment_statuses(self.node, live, observed, self.endpoints, errors, self.refused)
+        shown = {nqn: format_bytes(size) for nqn, size in sizes.items()}
+        statuses = segment_statuses(
+            self.node, live, observed, self.endpoints, errors, self.refused, shown
+        )
         for name, entries in statuses.items():
             body = {
                 "apiVersion": API,
@@ -80,20 +90,32 @@ class VolumeReconciler:
             if volume.metadata.deletion_timestamp is not None:
                 self._release(volume, observed)
 
+    def _grown(
+        self, before: dict[str, int], sizes: dict[str, int], volumes: list[Volume]
+    ) -> list[tuple[str, str]]:
+        """(subsystem NQN, LV) of each segment whose logical volume grew in this pass."""
+        return [
+            (seg.nqn, seg.lv)
+            for seg in local_segments(self.node, volumes)
+            if seg.lv in before and sizes.get(seg.nqn, 0) > before[seg.lv]
+        ]
+
     def _ensure_volumes(
         self,
         volume: Volume,
-        existing: set[str],
+        existing: dict[str, int],
         snapshots: dict[str, Snapshot],
         errors: dict[str, str],
+        sizes: dict[str, int],
     ) -> bool:
-        """This node's logical volumes of one volume, made or grown; False (and each
-        failure in errors) when one is not there yet."""
+        """This node's logical volumes of one volume, made or grown (their sizes into
+        sizes); False (and each failure in errors) when one is not there yet."""
         ok = True
         for seg in local_segments(self.node, [volume]):
             try:
                 origin = None if seg.lv in existing else self._origin(volume, seg, snapshots)
-                self.lvm.ensure_volume(self.vg, seg.lv, parse_bytes(seg.segment.size), origin)
+                lv = self.lvm.ensure_volume(self.vg, seg.lv, parse_bytes(seg.segment.size), origin)
+                sizes[seg.nqn] = lv.size
             except LvmError as exc:
                 errors[seg.nqn] = f"logical volume: {exc}"
                 ok = False

@@ -163,3 +163,12 @@ def disconnect(fs: Fs, nqn: str, host: str, debugfs: Path = NVMET_DEBUGFS) -> st
             fs.link(link, subsystem_path(nqn))
             relinked += 1
     return f"relinked {nqn} on {relinked} port(s) to drop {host}"
+
+
+def revalidate_size(fs: Fs, nqn: str) -> None:
+    """Tells an enabled namespace to read its grown device's size again (nvmet then sends
+    hosts a namespace-changed event); a namespace not exported yet reads it on enable."""
+    path = f"{subsystem_path(nqn)}/namespaces/1/revalidate_size"
+    faults.before_change(f"write {path}")
+    with contextlib.suppress(FileNotFoundError):
+        fs.write(path, "1")

@@ -79,12 +79,14 @@ def segment_statuses(
     endpoints: list[Endpoint],
     errors: dict[str, str],
     refused: dict[str, str] | None = None,
+    sizes: dict[str, str] | None = None,
 ) -> dict[str, list[SegmentStatus]]:
     """Per volume, the status entries of this node's segments: ready once the subsystem is
     exported with its namespace enabled, on every endpoint, to exactly the allowed hosts
     (removed hosts already cut off); otherwise a message says what is missing. A ready
     segment's message says which of the volume's hosts were refused (refused: host NQN ->
-    why), since those are left out of its allowed hosts."""
+    why), since those are left out of its allowed hosts. sizes: each segment's logical
+    volume size by subsystem NQN, as it is now."""
     out: dict[str, list[SegmentStatus]] = {}
     hosts_of = {v.metadata.name: v.spec.hosts for v in volumes}
     for seg in local_segments(node, volumes):
@@ -108,6 +110,7 @@ def segment_statuses(
                 endpoints=list(endpoints),
                 hosts=sorted(sub.allowed_hosts) if sub else [],
                 message=message,
+                size=(sizes or {}).get(seg.nqn),
             )
         )
     return out

@@ -1,0 +1,114 @@
+"""StorageClass parameters of a FlashMesh volume, checked and given their defaults.
+
+Every parameter is named in the error that refuses it, with the fix. Parameters that the
+external-provisioner adds (prefixed csi.storage.k8s.io/) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flashmesh.core.resources import Layout
+
+PROVISIONER_PREFIX = "csi.storage.k8s.io/"
+TRANSPORTS = ("rdma", "tcp")
+
+
+class ParameterError(ValueError):
+    """A parameter a person must fix; the message names it."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """NVMe/TCP and NVMe/RDMA connection timeouts (seconds) that NodeStage passes to
+    `nvme connect`. A lost path fails I/O within ctrl_loss_tmo instead of the kernel's
+    600 s default; -1 means retry forever (ctrl_loss_tmo) or off (fast_io_fail_tmo)."""
+
+    ctrl_loss_tmo: int = 60
+    reconnect_delay: int = 2
+    fast_io_fail_tmo: int = 30
+    keep_alive_tmo: int = 5
+
+
+@dataclass(frozen=True)
+class VolumeParams:
+    pool: str
+    layout: Layout
+    transport: str | None  # preferred; None: rdma where both ends have it, else tcp
+    timeouts: Timeouts
+
+    def context(self) -> dict[str, str]:
+        """The volume_context NodeStage receives (no secrets: it is stored in the PV)."""
+        out = {
+            "pool": self.pool,
+            "stripeWidth": str(self.layout.stripe_width),
+            "replicas": str(self.layout.replicas),
+            "ctrlLossTmo": str(self.timeouts.ctrl_loss_tmo),
+            "reconnectDelay": str(self.timeouts.reconnect_delay),
+            "fastIoFailTmo": str(self.timeouts.fast_io_fail_tmo),
+            "keepAliveTmo": str(self.timeouts.keep_alive_tmo),
+        }
+        if self.transport:
+            out["transport"] = self.transport
+        return out
+
+
+_TIMEOUTS = {
+    "ctrlLossTmo": ("ctrl_loss_tmo", -1),
+    "reconnectDelay": ("reconnect_delay", 1),
+    "fastIoFailTmo": ("fast_io_fail_tmo", -1),
+    "keepAliveTmo": ("keep_alive_tmo", 1),
+}
+KNOWN = ("pool", "stripeWidth", "replicas", "transport", *_TIMEOUTS)
+
+
+def _integer(name: str, value: str, minimum: int, maximum: int = 3600) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ParameterError(
+            f"parameter {name}={value!r} is not a whole number: use {minimum}..{maximum}"
+        ) from None
+    if not minimum <= number <= maximum:
+        raise ParameterError(f"parameter {name}={number} is out of range: use {minimum}..{maximum}")
+    return number
+
+
+def parse(parameters: dict[str, str], default_layout: Layout | None = None) -> VolumeParams:
+    """Checked parameters; the pool's default layout fills what the class leaves out."""
+    unknown = sorted(
+        k for k in parameters if k not in KNOWN and not k.startswith(PROVISIONER_PREFIX)
+    )
+    if unknown:
+        raise ParameterError(f"unknown parameter {unknown[0]}: FlashMesh takes {', '.join(KNOWN)}")
+    pool = parameters.get("pool", "")
+    if not pool:
+        raise ParameterError("parameter pool is missing: name the StoragePool to provision from")
+    layout = default_layout or Layout()
+    stripes = layout.stripe_width
+    if "stripeWidth" in parameters:
+        stripes = _integer("stripeWidth", parameters["stripeWidth"], 1, 16)
+    replicas = layout.replicas
+    if "replicas" in parameters:
+        replicas = _integer("replicas", parameters["replicas"], 1, 16)
+    if replicas > 1:
+        raise ParameterError(
+            f"parameter replicas={replicas} is not supported yet: mirrored volumes are not "
+            'available; use replicas: "1"'
+        )
+    transport = parameters.get("transport") or None
+    if transport is not None and transport not in TRANSPORTS:
+        raise ParameterError(f"parameter transport={transport!r} is unknown: use rdma or tcp")
+    values = {}
+    for key, (field, minimum) in _TIMEOUTS.items():
+        if key in parameters:
+            values[field] = _integer(key, parameters[key], minimum)
+    return VolumeParams(pool, Layout(stripes, replicas), transport, Timeouts(**values))
+
+
+def from_context(context: dict[str, str]) -> VolumeParams:
+    """The parameters back from a volume_context that CreateVolume wrote."""
+    return parse(
+        {k: v for k, v in context.items() if k in KNOWN},
+        None,
+    )

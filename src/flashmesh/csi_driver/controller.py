@@ -1,0 +1,666 @@
+"""The CSI Controller service: volumes and snapshots as Volume and Snapshot objects that
+the storage agents serve, and host access (ControllerPublish) as the Volume's hosts.
+
+Every call validates first, takes the volume's lock, and is idempotent: a repeat finds
+the object it made (names derive from the CSI name) and waits, bounded, for the agents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from flashmesh.core import naming, params, resources, serde
+from flashmesh.core.capacity import volume_size
+from flashmesh.core.placement import PlacementError, largest_volume, place
+from flashmesh.core.resources import Layout, Snapshot, Volume
+from flashmesh.core.units import format_bytes, parse_bytes
+from flashmesh.csi_driver import capabilities
+from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
+from flashmesh.csi_driver.cluster import API, Cluster, segments_missing
+from flashmesh.csi_driver.errors import CsiError, invalid, not_found
+from flashmesh.csi_driver.locks import VolumeLocks
+
+log = logging.getLogger(__name__)
+RPC = csi_pb2.ControllerServiceCapability.RPC
+TOPOLOGY_KEY = "topology.flashmesh.dev/fabric"
+MANAGER = "flashmesh-csi-controller"
+
+
+def _fail(code: grpc.StatusCode, message: str) -> CsiError:
+    return CsiError(code, message)
+
+
+def publish_context(volume: Volume) -> dict[str, str]:
+    """What NodeStage needs to connect: each segment's subsystem and endpoints, in stripe
+    order. No secret: the CO keeps this in the VolumeAttachment."""
+    statuses = (
+        {(s.index, s.replica): s for s in (volume.status.segments or [])} if volume.status else {}
+    )
+    segments = []
+    for seg in sorted(volume.spec.segments, key=lambda s: (s.index, s.replica)):
+        status = statuses[(seg.index, seg.replica)]
+        endpoints = [f"{e.transport}:{e.address}:{e.port}" for e in status.endpoints or []]
+        segments.append({"nqn": status.subsystem_nqn, "endpoints": endpoints})
+    return {"segments": json.dumps(segments, separators=(",", ":"))}
+
+
+@dataclass
+class Controller(csi_pb2_grpc.ControllerServicer):
+    cluster: Cluster
+    fabric: str = "default"
+    locks: VolumeLocks = field(default_factory=VolumeLocks)
+
+    def __post_init__(self) -> None:
+        # Placement reads free space and then writes a Volume: one at a time, so two
+        # volumes never count the same space.
+        self._placing = threading.Lock()
+
+    # --- volumes ------------------------------------------------------------------------
+
+    def CreateVolume(self, request: Any, context: Any) -> csi_pb2.CreateVolumeResponse:
+        if not request.name:
+            raise invalid("name is missing: the CO names each volume")
+        capabilities.check(list(request.volume_capabilities))
+        chosen = params.parse(dict(request.parameters))  # names a missing or bad parameter
+        pool = self.cluster.pool(chosen.pool)
+        chosen = params.parse(dict(request.parameters), pool.spec.layout)
+        self._check_topology(request.accessibility_requirements)
+        vid = naming.volume_id(request.name)
+        rng = request.capacity_range
+        default = parse_bytes(pool.spec.default_volume_size)
+        with self.locks.hold(vid):
+            source = self._source(request.volume_content_source, chosen)
+            size = volume_size(
+                rng.required_bytes, rng.limit_bytes, default, chosen.layout.stripe_width
+            )
+            if source and size < source[1]:
+                # A copy holds at least its source (the same layout keeps it aligned).
+                if rng.limit_bytes and source[1] > rng.limit_bytes:
+                    raise _fail(
+                        grpc.StatusCode.OUT_OF_RANGE,
+                        f"capacity_range: the source holds {source[1]} bytes, more than "
+                        f"limit_bytes {rng.limit_bytes}",
+                    )
+                size = source[1]
+            volume = self.cluster.volume(vid)
+            if volume is None:
+                volume = self._make(vid, request.name, chosen, size, source)
+            else:
+                self._same(volume, request, chosen, source)
+            self.cluster.wait(f"volume {vid}", lambda: segments_missing(self.cluster.volume(vid)))
+            return csi_pb2.CreateVolumeResponse(volume=self._csi_volume(volume, chosen, request))
+
+    def _check_topology(self, requirement: Any) -> None:
+        wanted = [
+            t
+            for t in [*requirement.requisite, *requirement.preferred]
+            if TOPOLOGY_KEY in t.segments
+        ]
+        if wanted and all(t.segments[TOPOLOGY_KEY] != self.fabric for t in wanted):
+            raise _fail(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"accessibility_requirements: this controller serves fabric "
+                f"{self.fabric!r}, not {wanted[0].segments[TOPOLOGY_KEY]!r}",
+            )
+
+    def _source(
+        self, source: Any, chosen: params.VolumeParams
+    ) -> tuple[dict[str, str], int, list[tuple[int, int, str]]] | None:
+        """The content source: its field in the Volume's spec, its size, and where each
+        of its segments sits (a copy's segments go to the same nodes)."""
+        kind = source.WhichOneof("type")
+        if kind is None:
+            return None
+        if kind == "snapshot":
+            sid = source.snapshot.snapshot_id
+            snap = self.cluster.snapshot(sid)
+            if snap is None:
+                raise not_found(f"volume_content_source: snapshot {sid} does not exist")
+            origin = self.cluster.volume(snap.spec.source_volume)
+            layout = origin.spec.layout if origin else None
+            pool = origin.spec.pool if origin else chosen.pool
+            where = [(s.index, s.replica, s.node) for s in snap.spec.segments]
+            spec, size = {"snapshot": sid}, parse_bytes(snap.spec.size)
+        else:
+            vid = source.volume.volume_id
+            origin = self.cluster.volume(vid)
+            if origin is None:
+                raise not_found(f"volume_content_source: volume {vid} does not exist")
+            layout, pool = origin.spec.layout, origin.spec.pool
+            where = [(s.index, s.replica, s.node) for s in origin.spec.segments]
+            spec, size = {"volume": vid}, parse_bytes(origin.spec.size)
+        if pool != chosen.pool or (layout is not None and layout != chosen.layout):
+            raise invalid(
+                f"volume_content_source: the source is in pool {pool} with "
+                f"{layout.stripe_width if layout else '?'} stripe(s); a copy keeps its pool "
+                f"and layout (asked: pool {chosen.pool}, {chosen.layout.stripe_width} stripe(s))"
+            )
+        return spec, size, where
+
+    def _make(
+        self,
+        vid: str,
+        name: str,
+        chosen: params.VolumeParams,
+        size: int,
+        source: tuple[dict[str, str], int, list[tuple[int, int, str]]] | None,
+    ) -> Volume:
+        layout = chosen.layout
+        count = layout.stripe_width * layout.replicas
+        segment = size // count
+        with self._placing:
+            space = self.cluster.space(chosen.pool)
+            if source is None:
+                nodes = place(space, count, segment)
+            else:
+                nodes = self._source_nodes(space, source[2])
+                # The copy grows past its source: the nodes must have room for the growth.
+                for node in nodes:
+                    room = next((n.free for n in space if n.name == node), 0)
+                    if room < segment:
+                        raise PlacementError(
+                            "now",
+                            f"{node} has {format_bytes(room)} free, "
+                            f"a copy's segment needs {format_bytes(segment)}",
+                        )
+            spec: dict[str, Any] = {
+                "csiName": name,
+                "pool": chosen.pool,
+                "size": format_bytes(size),
+                "layout": {"stripeWidth": layout.stripe_width, "replicas": layout.replicas},
+                "segments": [
+                    {
+                        "index": i % layout.stripe_width,
+                        "replica": i // layout.stripe_width,
+                        "node": node,
+                        "size": format_bytes(segment),
+                    }
+                    for i, node in enumerate(nodes)
+                ],
+                "hosts": [],
+            }
+            if source:
+                spec["source"] = source[0]
+            body = {"apiVersion": API, "kind": "Volume", "metadata": {"name": vid}, "spec": spec}
+            return Volume.from_dict(self.cluster.kube.create(body))
+
+    def _source_nodes(self, space: list[Any], where: list[tuple[int, int, str]]) -> list[str]:
+        ready = {n.name for n in space if n.ready}
+        nodes = [node for _, _, node in sorted(where)]
+        down = [n for n in nodes if n not in ready]
+        if down:
+            raise _fail(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the source's segments sit on {', '.join(down)}, which is not ready; "
+                "a copy must be made on its source's nodes",
+            )
+        return nodes
+
+    def _same(
+        self,
+        volume: Volume,
+        request: Any,
+        chosen: params.VolumeParams,
+        source: tuple[dict[str, str], int, list[tuple[int, int, str]]] | None,
+    ) -> None:
+        """A repeat of CreateVolume must ask for what exists."""
+        size = parse_bytes(volume.spec.size)
+        rng = request.capacity_range
+        problems = []
+        if volume.spec.csi_name != request.name:
+            problems.append(f"its id is taken by CSI volume {volume.spec.csi_name}")
+        if volume.spec.pool != chosen.pool or volume.spec.layout != chosen.layout:
+            problems.append("it exists with another pool or layout")
+        if size < rng.required_bytes or (rng.limit_bytes and size > rng.limit_bytes):
+            problems.append(f"it exists with {size} bytes, outside the capacity_range asked")
+        have = serde.to_dict(volume.spec.source) if volume.spec.source else None
+        if have != (source[0] if source else None):
+            problems.append("it exists with another content source")
+        if problems:
+            raise _fail(
+                grpc.StatusCode.ALREADY_EXISTS, f"volume {request.name}: {'; '.join(problems)}"
+            )
+
+    def _csi_volume(
+        self, volume: Volume, chosen: params.VolumeParams | None, request: Any = None
+    ) -> csi_pb2.Volume:
+        out = csi_pb2.Volume(
+            capacity_bytes=parse_bytes(volume.spec.size),
+            volume_id=volume.metadata.name,
+            accessible_topology=[csi_pb2.Topology(segments={TOPOLOGY_KEY: self.fabric})],
+        )
+        if chosen:
+            out.volume_context.update(chosen.context())
+        if request is not None and request.HasField("volume_content_source"):
+            out.content_source.CopyFrom(request.volume_content_source)
+        return out
+
+    def DeleteVolume(self, request: Any, context: Any) -> csi_pb2.DeleteVolumeResponse:
+        vid = request.volume_id
+        if not vid:
+            raise invalid("volume_id is missing")
+        with self.locks.hold(vid):
+            volume = self.cluster.volume(vid)
+            if volume is None:
+                return csi_pb2.DeleteVolumeResponse()
+            if volume.spec.hosts:
+                raise _fail(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"volume {vid} is still published to {', '.join(volume.spec.hosts)}: "
+                    "unpublish it first",
+                )
+            self.cluster.kube.delete(API, "Volume", vid)
+            self.cluster.wait(
+                f"deleting volume {vid}",
+                lambda: None if self.cluster.volume(vid) is None else "agents still removing it",
+            )
+        return csi_pb2.DeleteVolumeResponse()
+
+    # --- access ---------------------------------------------------------------------------
+
+    def ControllerPublishVolume(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
+        vid, host = request.volume_id, request.node_id
+        if not vid:
+            raise invalid("volume_id is missing")
+        if not host:
+            raise invalid("node_id is missing: it is the node's host NQN (NodeGetInfo)")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is missing")
+        capabilities.check([request.volume_capability], "volume_capability")
+        with self.locks.hold(vid):
+            volume = self.cluster.volume(vid)
+            if volume is None:
+                raise not_found(f"volume {vid} does not exist")
+            nodes = self.cluster.nodes_with_host(host)
+            if not nodes:
+                raise not_found(
+                    f"no node has node id {host}: is FlashMesh's node plugin "
+                    "registered there (its CSINode)?"
+                )
+            if len(nodes) > 1:
+                message = (
+                    f"node id {host} is claimed by nodes {', '.join(nodes)}: two hosts "
+                    "with one NQN would corrupt the volume; give each node its own "
+                    "SMBIOS UUID"
+                )
+                self._event(vid, "DuplicateHostNQN", message)
+                raise _fail(grpc.StatusCode.FAILED_PRECONDITION, message)
+            mode = request.volume_capability.access_mode.mode
+            others = [h for h in volume.spec.hosts if h != host]
+            if others and mode in capabilities.SINGLE_NODE:
+                raise _fail(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"volume {vid} is published to {', '.join(others)} and asked "
+                    "for single-node access: unpublish it there first",
+                )
+
+            def allow(data: dict[str, Any]) -> bool:
+                hosts = data["spec"].setdefault("hosts", [])
+                if host in hosts:
+                    return False
+                hosts.append(host)
+                return True
+
+            self.cluster.edit_volume(vid, allow)
+            self.cluster.wait(
+                f"publishing {vid} to {host}",
+                lambda: segments_missing(self.cluster.volume(vid), host=host),
+            )
+            served = self.cluster.volume(vid)
+            assert served is not None
+            return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context(served))
+
+    def ControllerUnpublishVolume(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        vid, host = request.volume_id, request.node_id
+        if not vid:
+            raise invalid("volume_id is missing")
+        with self.locks.hold(vid):
+            volume = self.cluster.volume(vid)
+            if volume is None:
+                return csi_pb2.ControllerUnpublishVolumeResponse()
+            gone = [host] if host else list(volume.spec.hosts)
+
+            def deny(data: dict[str, Any]) -> bool:
+                hosts: list[str] = data["spec"].get("hosts") or []
+                kept = [h for h in hosts if h not in gone]
+                data["spec"]["hosts"] = kept
+                return kept != hosts
+
+            self.cluster.edit_volume(vid, deny)
+            for removed in gone:
+                # Returns once the agents report the host removed and cut off.
+                self._wait_gone(vid, removed)
+        return csi_pb2.ControllerUnpublishVolumeResponse()
+
+    def _wait_gone(self, vid: str, host: str) -> None:
+        self.cluster.wait(
+            f"unpublishing {vid} from {host}", lambda: _gone(self.cluster.volume(vid), host)
+        )
+
+    def ValidateVolumeCapabilities(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        if not request.volume_id:
+            raise invalid("volume_id is missing")
+        if not request.volume_capabilities:
+            raise invalid("volume_capabilities is missing")
+        if self.cluster.volume(request.volume_id) is None:
+            raise not_found(f"volume {request.volume_id} does not exist")
+        for cap in request.volume_capabilities:
+            why = capabilities.problem(cap)
+            if why:
+                return csi_pb2.ValidateVolumeCapabilitiesResponse(message=why)
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    # --- listing and capacity --------------------------------------------------------------
+
+    def ListVolumes(self, request: Any, context: Any) -> csi_pb2.ListVolumesResponse:
+        volumes = sorted(self.cluster.volumes(), key=lambda v: v.metadata.name)
+        page, token = _page(volumes, request.max_entries, request.starting_token)
+        entries = [
+            csi_pb2.ListVolumesResponse.Entry(
+                volume=self._csi_volume(v, None),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    published_node_ids=v.spec.hosts, volume_condition=_condition(v)
+                ),
+            )
+            for v in page
+        ]
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=token)
+
+    def ControllerGetVolume(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ControllerGetVolumeResponse:
+        if not request.volume_id:
+            raise invalid("volume_id is missing")
+        volume = self.cluster.volume(request.volume_id)
+        if volume is None:
+            raise not_found(f"volume {request.volume_id} does not exist")
+        status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+            published_node_ids=volume.spec.hosts, volume_condition=_condition(volume)
+        )
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=self._csi_volume(volume, None), status=status
+        )
+
+    def GetCapacity(self, request: Any, context: Any) -> csi_pb2.GetCapacityResponse:
+        for cap in request.volume_capabilities:
+            if capabilities.problem(cap):
+                return csi_pb2.GetCapacityResponse(available_capacity=0)
+        topology = request.accessible_topology.segments
+        if TOPOLOGY_KEY in topology and topology[TOPOLOGY_KEY] != self.fabric:
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        if "pool" not in request.parameters:
+            raise invalid("parameters: pool is missing: capacity is per StoragePool")
+        pool = self.cluster.pool(request.parameters["pool"])
+        chosen = params.parse(dict(request.parameters), pool.spec.layout)
+        space = [n for n in self.cluster.space(pool.metadata.name) if n.ready]
+        count = chosen.layout.stripe_width * chosen.layout.replicas
+        frees = sorted((n.free for n in space), reverse=True)
+        largest = frees[count - 1] * count if len(frees) >= count else 0
+        response = csi_pb2.GetCapacityResponse(available_capacity=sum(n.free for n in space))
+        response.maximum_volume_size.value = largest
+        return response
+
+    def ControllerGetCapabilities(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        kinds = [
+            RPC.CREATE_DELETE_VOLUME,
+            RPC.PUBLISH_UNPUBLISH_VOLUME,
+            RPC.LIST_VOLUMES,
+            RPC.GET_CAPACITY,
+            RPC.CREATE_DELETE_SNAPSHOT,
+            RPC.LIST_SNAPSHOTS,
+            RPC.CLONE_VOLUME,
+            RPC.PUBLISH_READONLY,
+            RPC.EXPAND_VOLUME,
+            RPC.LIST_VOLUMES_PUBLISHED_NODES,
+            RPC.VOLUME_CONDITION,
+            RPC.GET_VOLUME,
+            RPC.SINGLE_NODE_MULTI_WRITER,
+        ]
+        caps = [csi_pb2.ControllerServiceCapability(rpc=RPC(type=k)) for k in kinds]
+        return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=caps)
+
+    # --- expansion ------------------------------------------------------------------------
+
+    def ControllerExpandVolume(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ControllerExpandVolumeResponse:
+        vid = request.volume_id
+        if not vid:
+            raise invalid("volume_id is missing")
+        if not request.HasField("capacity_range"):
+            raise invalid("capacity_range is missing: say the size to grow to")
+        if request.HasField("volume_capability"):
+            capabilities.check([request.volume_capability], "volume_capability")
+        with self.locks.hold(vid):
+            volume = self.cluster.volume(vid)
+            if volume is None:
+                raise not_found(f"volume {vid} does not exist")
+            current = parse_bytes(volume.spec.size)
+            layout = volume.spec.layout
+            rng = request.capacity_range
+            size = volume_size(rng.required_bytes, rng.limit_bytes, current, layout.stripe_width)
+            block = request.volume_capability.WhichOneof("access_type") == "block"
+            if size > current:
+                self._grow(volume, size)
+            else:
+                size = current
+            return csi_pb2.ControllerExpandVolumeResponse(
+                capacity_bytes=size, node_expansion_required=not block
+            )
+
+    def _grow(self, volume: Volume, size: int) -> None:
+        vid = volume.metadata.name
+        count = len(volume.spec.segments)
+        segment = size // count
+        with self._placing:
+            space = {n.name: n for n in self.cluster.space(volume.spec.pool)}
+            everything = largest_volume(list(space.values()), count)
+            if size > everything:
+                raise _fail(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"capacity_range: {size} bytes is more than the pool could ever "
+                    f"hold in {count} segment(s) ({everything} bytes)",
+                )
+            for seg in volume.spec.segments:
+                node = space.get(seg.node)
+                more = segment - parse_bytes(seg.size)
+                if node is None or node.free < more:
+                    free = format_bytes(node.free) if node else "nothing"
+                    raise _fail(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{seg.node} has {free} free; growing segment {seg.index} "
+                        f"needs {format_bytes(more)} more",
+                    )
+
+            def grow(data: dict[str, Any]) -> bool:
+                data["spec"]["size"] = format_bytes(size)
+                for seg in data["spec"]["segments"]:
+                    seg["size"] = format_bytes(segment)
+                return True
+
+            self.cluster.edit_volume(vid, grow)
+        self.cluster.wait(
+            f"growing volume {vid}",
+            lambda: segments_missing(self.cluster.volume(vid), size=segment),
+        )
+
+    # --- snapshots --------------------------------------------------------------------------
+
+    def CreateSnapshot(self, request: Any, context: Any) -> csi_pb2.CreateSnapshotResponse:
+        if not request.name:
+            raise invalid("name is missing: the CO names each snapshot")
+        source = request.source_volume_id
+        if not source:
+            raise invalid("source_volume_id is missing")
+        sid = naming.snapshot_id(request.name)
+        with self.locks.hold(sid):
+            snap = self.cluster.snapshot(sid)
+            if snap is not None:
+                if snap.spec.source_volume != source or snap.spec.csi_name != request.name:
+                    raise _fail(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"snapshot {request.name} exists with source volume "
+                        f"{snap.spec.source_volume}",
+                    )
+            else:
+                volume = self.cluster.volume(source)
+                if volume is None:
+                    raise not_found(f"source_volume_id: volume {source} does not exist")
+                if len(volume.spec.segments) > 1 and volume.spec.hosts:
+                    # Thin snapshots of several segments are not taken at one instant: a
+                    # striped volume is snapshotted only while no host can write it.
+                    raise _fail(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"volume {source} is striped over {len(volume.spec.segments)} "
+                        f"segments and published to {', '.join(volume.spec.hosts)}: "
+                        "unpublish it, then snapshot it",
+                    )
+                snap = self._make_snapshot(sid, request.name, volume)
+            self.cluster.wait(f"snapshot {sid}", lambda: self._snapshot_missing(sid))
+            done = self.cluster.snapshot(sid)
+            assert done is not None
+            return csi_pb2.CreateSnapshotResponse(snapshot=_csi_snapshot(done))
+
+    def _make_snapshot(self, sid: str, name: str, volume: Volume) -> Snapshot:
+        segments = [
+            {
+                "index": s.index,
+                "replica": s.replica,
+                "node": s.node,
+                "thinVolume": naming.segment_lv(sid, s.index, s.replica),
+            }
+            for s in volume.spec.segments
+        ]
+        body = {
+            "apiVersion": API,
+            "kind": "Snapshot",
+            "metadata": {"name": sid},
+            "spec": {
+                "csiName": name,
+                "sourceVolume": volume.metadata.name,
+                "size": volume.spec.size,
+                "segments": segments,
+            },
+        }
+        return Snapshot.from_dict(self.cluster.kube.create(body))
+
+    def _snapshot_missing(self, sid: str) -> str | None:
+        snap = self.cluster.snapshot(sid)
+        if snap is None:
+            return "the Snapshot object is gone"
+        if snap.status and snap.status.ready_to_use:
+            return None
+        done = {
+            (s.index, s.replica): s for s in (snap.status.segments if snap.status else []) or []
+        }
+        for seg in snap.spec.segments:
+            status = done.get((seg.index, seg.replica))
+            if status is None or not status.ready:
+                why = status.message if status and status.message else "not taken yet"
+                return f"segment {seg.index}/{seg.replica} on {seg.node}: {why}"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": API,
+            "kind": "Snapshot",
+            "metadata": {"name": sid},
+            "status": {"readyToUse": True, "creationTime": now},
+        }
+        self.cluster.kube.apply_status(body, MANAGER)
+        return None
+
+    def DeleteSnapshot(self, request: Any, context: Any) -> csi_pb2.DeleteSnapshotResponse:
+        sid = request.snapshot_id
+        if not sid:
+            raise invalid("snapshot_id is missing")
+        with self.locks.hold(sid):
+            if self.cluster.snapshot(sid) is not None:
+                self.cluster.kube.delete(API, "Snapshot", sid)
+                self.cluster.wait(
+                    f"deleting snapshot {sid}",
+                    lambda: (
+                        None if self.cluster.snapshot(sid) is None else "agents still removing it"
+                    ),
+                )
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(self, request: Any, context: Any) -> csi_pb2.ListSnapshotsResponse:
+        snaps = sorted(self.cluster.snapshots(), key=lambda s: s.metadata.name)
+        if request.snapshot_id:
+            snaps = [s for s in snaps if s.metadata.name == request.snapshot_id]
+        if request.source_volume_id:
+            snaps = [s for s in snaps if s.spec.source_volume == request.source_volume_id]
+        page, token = _page(snaps, request.max_entries, request.starting_token)
+        entries = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=_csi_snapshot(s)) for s in page]
+        return csi_pb2.ListSnapshotsResponse(entries=entries, next_token=token)
+
+    def _event(self, vid: str, reason: str, message: str) -> None:
+        data = self.cluster.kube.get(API, "Volume", vid)
+        if data:
+            self.cluster.kube.event(data, reason, message, warning=True, component=MANAGER)
+
+
+def _gone(volume: Volume | None, host: str) -> str | None:
+    if volume is None:
+        return None
+    return segments_missing(volume, gone=host)
+
+
+def _condition(volume: Volume) -> csi_pb2.VolumeCondition:
+    missing = segments_missing(volume)
+    return csi_pb2.VolumeCondition(abnormal=missing is not None, message=missing or "serving")
+
+
+def _csi_snapshot(snap: Snapshot) -> csi_pb2.Snapshot:
+    out = csi_pb2.Snapshot(
+        size_bytes=parse_bytes(snap.spec.size),
+        snapshot_id=snap.metadata.name,
+        source_volume_id=snap.spec.source_volume,
+        ready_to_use=bool(snap.status and snap.status.ready_to_use),
+    )
+    created = (
+        snap.status.creation_time if snap.status else None
+    ) or snap.metadata.creation_timestamp
+    if created:
+        stamp = Timestamp()
+        stamp.FromDatetime(datetime.fromisoformat(created.replace("Z", "+00:00")))
+        out.creation_time.CopyFrom(stamp)
+    return out
+
+
+def _page(items: list[Any], max_entries: int, token: str) -> tuple[list[Any], str]:
+    """A page of a sorted list; the token is the next item's position."""
+    if max_entries < 0:
+        raise invalid("max_entries must not be negative")
+    start = 0
+    if token:
+        if not token.isdigit() or int(token) > len(items):
+            raise _fail(
+                grpc.StatusCode.ABORTED, f"starting_token {token!r} is not valid: list again"
+            )
+        start = int(token)
+    end = len(items) if not max_entries else start + max_entries
+    return items[start:end], str(end) if end < len(items) else ""
+
+
+__all__ = ["TOPOLOGY_KEY", "Controller", "Layout", "publish_context", "resources"]

@@ -1,0 +1,55 @@
+"""The one table from FlashMesh's errors to the gRPC status codes the CSI spec prescribes.
+
+Servicers raise; the server's interceptor answers with the code from here. A CsiError
+carries its own code (the servicer decided it from the spec's table for that call)."""
+
+from __future__ import annotations
+
+import grpc
+
+from flashmesh.core.capacity import CapacityError
+from flashmesh.core.params import ParameterError
+from flashmesh.core.placement import PlacementError
+from flashmesh.kube import KubeError
+
+
+class CsiError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> CsiError:
+    return CsiError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> CsiError:
+    return CsiError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The code and message a caller gets for an exception."""
+    if isinstance(exc, CsiError):
+        return exc.code, exc.message
+    if isinstance(exc, ParameterError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, CapacityError):
+        code = {"invalid": grpc.StatusCode.INVALID_ARGUMENT}.get(
+            exc.kind, grpc.StatusCode.OUT_OF_RANGE
+        )
+        return code, str(exc)
+    if isinstance(exc, PlacementError):
+        code = (
+            grpc.StatusCode.OUT_OF_RANGE
+            if exc.kind == "never"
+            else (grpc.StatusCode.RESOURCE_EXHAUSTED)
+        )
+        return code, str(exc)
+    if isinstance(exc, KubeError):
+        # A conflict is another writer's change: the CO retries. The API server being
+        # unreachable or refusing is not the caller's fault either.
+        if exc.status == 409:
+            return grpc.StatusCode.ABORTED, f"conflicting change, retry: {exc}"
+        return grpc.StatusCode.UNAVAILABLE, f"Kubernetes API: {exc}"
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

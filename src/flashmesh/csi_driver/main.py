@@ -1,0 +1,50 @@
+"""`flashmesh csi --mode controller|node|all`: the CSI services on one endpoint."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from flashmesh.csi_driver._proto import csi_pb2_grpc
+from flashmesh.csi_driver.identity import Identity
+from flashmesh.csi_driver.server import serve
+
+MODES = ("controller", "node", "all")
+
+
+def run(
+    mode: str,
+    endpoint: str,
+    kubeconfig: str | None,
+    namespace: str,
+    fabric: str,
+    wait_seconds: float,
+) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    register: list[Callable[[grpc.Server], None]] = []
+    identity = Identity(controller=mode in ("controller", "all"))
+    register.append(lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s))
+    if mode in ("controller", "all"):
+        from flashmesh.csi_driver.cluster import Cluster
+        from flashmesh.csi_driver.controller import Controller
+        from flashmesh.kube import Kube
+
+        cluster = Cluster(Kube.from_kubeconfig(kubeconfig), namespace, wait_seconds)
+        controller = Controller(cluster, fabric)
+        register.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s))
+    if mode in ("node", "all"):
+        from flashmesh.csi_driver.node import Node
+
+        node = Node.from_host(fabric=fabric, namespace=namespace, kubeconfig=kubeconfig)
+        register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
+    server = serve(endpoint, register)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    return 0

@@ -1,0 +1,340 @@
+"""The CSI controller on an in-process gRPC server against the real API server: every bad
+request answered with the code the CSI spec prescribes and a message naming the field;
+placement, idempotency and locking; a fuzz that never yields INTERNAL.
+
+No agent runs here: the pool's two StorageNodes carry the status and Leases an agent would
+write, and a valid volume waits (briefly) for agents that never come: DEADLINE_EXCEEDED,
+with its Volume object placed. The kernel lab proves the happy paths with real agents."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flashmesh.core import naming, resources
+from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
+from flashmesh.csi_driver.cluster import Cluster
+from flashmesh.csi_driver.controller import Controller
+from flashmesh.csi_driver.identity import Identity
+from flashmesh.csi_driver.server import serve
+from flashmesh.kube import Kube
+from flashmesh.lab.cluster import LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+API = resources.API_VERSION
+NS = "flashmesh-system"
+POOL = "csi-table"
+NODES = ("csi-a", "csi-b")
+MIB = 1 << 20
+Code = grpc.StatusCode
+Mode = csi_pb2.VolumeCapability.AccessMode
+
+
+def mount(mode: int = Mode.SINGLE_NODE_WRITER, fs: str = "") -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def block(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def renew(kube: Kube, node: str) -> None:
+    kube.renew_lease(NS, naming.node_lease(node), node, 3600)
+
+
+@pytest.fixture(scope="module")
+def pool(crds: LocalCluster) -> Iterator[Kube]:
+    """A pool of two 1 GiB nodes, as their agents would report them."""
+    kube = crds.kube
+    if kube.get("v1", "Namespace", NS) is None:
+        kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    kube.create({
+        "apiVersion": API, "kind": "StoragePool", "metadata": {"name": POOL},
+        "spec": {"nodeSelector": {"matchLabels": {"pool": POOL}}, "defaultVolumeSize": "64Mi",
+                 "layout": {"stripeWidth": 2}},
+    })  # fmt: skip
+    for node in NODES:
+        kube.create({"apiVersion": API, "kind": "StorageNode", "metadata": {"name": node},
+                     "spec": {"pool": POOL}})  # fmt: skip
+        status = {"phase": "Ready", "volumeGroup": {
+            "name": f"flashmesh-{POOL}", "size": "1Gi", "free": "1Gi",
+            "thinPool": {"name": "thin", "size": "1Gi"}}}  # fmt: skip
+        kube.patch(API, "StorageNode", node, {"status": status}, subresource="status")
+        renew(kube, node)
+    yield kube
+    for vol in kube.list(API, "Volume"):
+        if vol["spec"]["pool"] == POOL:
+            kube.delete(API, "Volume", vol["metadata"]["name"])
+
+
+@pytest.fixture(scope="module")
+def controller(pool: Kube) -> Controller:
+    return Controller(Cluster(pool, NS, wait_seconds=0.3, poll_seconds=0.1))
+
+
+@pytest.fixture(scope="module")
+def stub(controller: Controller, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    socket = tmp_path_factory.mktemp("csi") / "csi.sock"
+    server = serve(
+        f"unix://{socket}",
+        [
+            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(Identity(True), s),
+        ],
+    )
+    channel = grpc.insecure_channel(f"unix://{socket}")
+    yield csi_pb2_grpc.ControllerStub(channel), csi_pb2_grpc.IdentityStub(channel)
+    channel.close()
+    server.stop(0)
+
+
+def code_of(call: Any, request: Any) -> tuple[grpc.StatusCode, str]:
+    try:
+        call(request, timeout=30)
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+    return Code.OK, ""
+
+
+def create(name: str, size: int = 0, limit: int = 0, caps: list[Any] | None = None,
+           **parameters: str) -> csi_pb2.CreateVolumeRequest:  # fmt: skip
+    return csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=size, limit_bytes=limit),
+        volume_capabilities=[mount()] if caps is None else caps,
+        parameters={"pool": POOL, **parameters},
+    )
+
+
+BAD_CREATES = [
+    (create(""), Code.INVALID_ARGUMENT, "name is missing"),
+    (create("v", caps=[]), Code.INVALID_ARGUMENT, "volume_capabilities is missing"),
+    (create("v", size=-1), Code.INVALID_ARGUMENT, "must not be negative"),
+    (create("v", size=8 * MIB, limit=4 * MIB), Code.OUT_OF_RANGE, "limit_bytes 4194304 is below"),
+    (create("v", stripes="2"), Code.INVALID_ARGUMENT, "unknown parameter stripes"),
+    (create("v", replicas="2"), Code.INVALID_ARGUMENT, "replicas=2 is not supported yet"),
+    (create("v", caps=[mount(Mode.MULTI_NODE_MULTI_WRITER)]), Code.INVALID_ARGUMENT,
+     "MULTI_NODE_MULTI_WRITER is served for block volumes only"),
+    (create("v", caps=[mount(fs="btrfs")]), Code.INVALID_ARGUMENT, "fs_type 'btrfs'"),
+    (create("v", caps=[block(Mode.MULTI_NODE_SINGLE_WRITER)]), Code.INVALID_ARGUMENT,
+     "MULTI_NODE_SINGLE_WRITER is not supported"),
+    (create("v", pool="nowhere"), Code.INVALID_ARGUMENT, "pool='nowhere' names no StoragePool"),
+    (csi_pb2.CreateVolumeRequest(name="v", volume_capabilities=[mount()]), Code.INVALID_ARGUMENT,
+     "parameter pool is missing"),
+    (create("v", size=4 << 30), Code.OUT_OF_RANGE, "able to hold 2Gi at most"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("request_", "code", "named"), BAD_CREATES)
+def test_bad_create_requests_get_the_specs_code(
+    stub: Any, pool: Kube, request_: Any, code: grpc.StatusCode, named: str
+) -> None:
+    before = {v["metadata"]["name"] for v in pool.list(API, "Volume")}
+    got, message = code_of(stub[0].CreateVolume, request_)
+    assert (got, named in message) == (code, True), message
+    assert {v["metadata"]["name"] for v in pool.list(API, "Volume")} == before  # nothing made
+
+
+OTHER_BAD = [
+    ("DeleteVolume", csi_pb2.DeleteVolumeRequest(), Code.INVALID_ARGUMENT, "volume_id"),
+    ("ControllerPublishVolume", csi_pb2.ControllerPublishVolumeRequest(
+        node_id="nqn.x", volume_capability=mount()), Code.INVALID_ARGUMENT, "volume_id"),
+    ("ControllerPublishVolume", csi_pb2.ControllerPublishVolumeRequest(
+        volume_id="fm-000000000000", volume_capability=mount()), Code.INVALID_ARGUMENT, "node_id"),
+    ("ControllerPublishVolume", csi_pb2.ControllerPublishVolumeRequest(
+        volume_id="fm-000000000000", node_id="nqn.x"), Code.INVALID_ARGUMENT, "volume_capability"),
+    ("ControllerPublishVolume", csi_pb2.ControllerPublishVolumeRequest(
+        volume_id="fm-000000000000", node_id="nqn.x", volume_capability=mount()),
+     Code.NOT_FOUND, "volume fm-000000000000 does not exist"),
+    ("ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(node_id="nqn.x"),
+     Code.INVALID_ARGUMENT, "volume_id"),
+    ("ValidateVolumeCapabilities", csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_capabilities=[mount()]), Code.INVALID_ARGUMENT, "volume_id"),
+    ("ValidateVolumeCapabilities", csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_id="fm-000000000000"), Code.INVALID_ARGUMENT, "volume_capabilities"),
+    ("ValidateVolumeCapabilities", csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_id="fm-000000000000", volume_capabilities=[mount()]), Code.NOT_FOUND, "does not"),
+    ("ListVolumes", csi_pb2.ListVolumesRequest(starting_token="zz"), Code.ABORTED, "zz"),
+    ("ListVolumes", csi_pb2.ListVolumesRequest(max_entries=-1), Code.INVALID_ARGUMENT,
+     "max_entries"),
+    ("ControllerGetVolume", csi_pb2.ControllerGetVolumeRequest(volume_id="fm-000000000000"),
+     Code.NOT_FOUND, "does not exist"),
+    ("ControllerExpandVolume", csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="fm-000000000000"), Code.INVALID_ARGUMENT, "capacity_range is missing"),
+    ("ControllerExpandVolume", csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="fm-000000000000", capacity_range=csi_pb2.CapacityRange(required_bytes=1)),
+     Code.NOT_FOUND, "does not exist"),
+    ("CreateSnapshot", csi_pb2.CreateSnapshotRequest(source_volume_id="fm-000000000000"),
+     Code.INVALID_ARGUMENT, "name is missing"),
+    ("CreateSnapshot", csi_pb2.CreateSnapshotRequest(name="s"), Code.INVALID_ARGUMENT,
+     "source_volume_id is missing"),
+    ("CreateSnapshot", csi_pb2.CreateSnapshotRequest(name="s", source_volume_id="fm-0"),
+     Code.NOT_FOUND, "volume fm-0 does not exist"),
+    ("DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(), Code.INVALID_ARGUMENT, "snapshot_id"),
+    ("GetCapacity", csi_pb2.GetCapacityRequest(), Code.INVALID_ARGUMENT, "pool is missing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "request_", "code", "named"), OTHER_BAD)
+def test_other_bad_requests_get_the_specs_code(
+    stub: Any, method: str, request_: Any, code: grpc.StatusCode, named: str
+) -> None:
+    got, message = code_of(getattr(stub[0], method), request_)
+    assert (got, named in message) == (code, True), message
+
+
+def test_deleting_or_unpublishing_what_is_not_there_succeeds(stub: Any) -> None:
+    assert code_of(stub[0].DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id="fm-1"))[0] == (
+        Code.OK
+    )
+    unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id="fm-1", node_id="nqn.x")
+    assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.OK
+    assert code_of(stub[0].DeleteSnapshot, csi_pb2.DeleteSnapshotRequest(snapshot_id="fs-1"))[
+        0
+    ] == (Code.OK)
+
+
+def test_a_volume_is_placed_then_waits_for_agents_and_repeats_are_checked(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
+    request = create("pvc-placed", size=100 * MIB)
+    got, message = code_of(stub[0].CreateVolume, request)
+    assert got == Code.DEADLINE_EXCEEDED and "no report from its agent yet" in message
+    vid = naming.volume_id("pvc-placed")
+    volume = pool.get(API, "Volume", vid) or {}
+    segments = volume["spec"]["segments"]
+    assert sorted(s["node"] for s in segments) == list(NODES)  # two stripes, two nodes
+    assert [s["size"] for s in segments] == ["52Mi", "52Mi"]  # 100Mi in whole extents
+    # The same request again: the same object, still waiting.
+    assert code_of(stub[0].CreateVolume, request)[0] == Code.DEADLINE_EXCEEDED
+    # The same name with another size conflicts.
+    got, message = code_of(stub[0].CreateVolume, create("pvc-placed", size=400 * MIB))
+    assert got == Code.ALREADY_EXISTS and "outside the capacity_range" in message
+    # A call on a volume that is busy is refused, not raced.
+    with controller.locks.hold(vid):
+        got, message = code_of(stub[0].CreateVolume, request)
+    assert got == Code.ABORTED and "already in progress" in message
+
+
+def test_a_volume_that_does_not_fit_now_is_resource_exhausted(stub: Any, pool: Kube) -> None:
+    # 2 x 1 GiB nodes with 52 MiB placed on each: two 1000 MiB segments could fit an empty
+    # pool, but not this one now.
+    got, message = code_of(stub[0].CreateVolume, create("pvc-big", size=2000 * MIB))
+    assert got == Code.RESOURCE_EXHAUSTED and "need 2 ready node(s) with room" in message
+    assert pool.get(API, "Volume", naming.volume_id("pvc-big")) is None
+
+
+def test_a_stale_heartbeat_takes_a_node_out_of_placement(stub: Any, pool: Kube) -> None:
+    lease = pool.get("coordination.k8s.io/v1", "Lease", naming.node_lease("csi-b"), NS) or {}
+    lease["spec"]["renewTime"] = "2026-01-01T00:00:00.000000Z"
+    lease["spec"]["leaseDurationSeconds"] = 40
+    pool.replace(lease)
+    try:
+        got, message = code_of(stub[0].CreateVolume, create("pvc-stale", size=8 * MIB))
+        assert got == Code.RESOURCE_EXHAUSTED, message
+    finally:
+        renew(pool, "csi-b")
+        pool.patch("coordination.k8s.io/v1", "Lease", naming.node_lease("csi-b"),
+                   {"spec": {"leaseDurationSeconds": 3600}}, namespace=NS)  # fmt: skip
+
+
+def test_a_node_id_on_two_csinodes_is_refused_with_an_event(stub: Any, pool: Kube) -> None:
+    vid = naming.volume_id("pvc-placed")
+    host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000dd"
+    for name in ("twin-a", "twin-b"):
+        driver = {"name": resources.CSI_DRIVER, "nodeID": host}
+        pool.create({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
+                     "metadata": {"name": name}, "spec": {"drivers": [driver]}})  # fmt: skip
+    request = csi_pb2.ControllerPublishVolumeRequest(volume_id=vid, node_id=host,
+                                                     volume_capability=mount())  # fmt: skip
+    got, message = code_of(stub[0].ControllerPublishVolume, request)
+    assert got == Code.FAILED_PRECONDITION and "twin-a, twin-b" in message
+    events = pool.list("v1", "Event", namespace="default")
+    assert any(e["reason"] == "DuplicateHostNQN" and e["involvedObject"]["name"] == vid
+               for e in events)  # fmt: skip
+    assert host not in (pool.get(API, "Volume", vid) or {})["spec"]["hosts"]
+    unknown = csi_pb2.ControllerPublishVolumeRequest(volume_id=vid, node_id="nqn.nobody",
+                                                     volume_capability=mount())  # fmt: skip
+    got, message = code_of(stub[0].ControllerPublishVolume, unknown)
+    assert got == Code.NOT_FOUND and "no node has node id nqn.nobody" in message
+
+
+def test_list_volumes_pages_through_everything(stub: Any, pool: Kube) -> None:
+    names = sorted(v["metadata"]["name"] for v in pool.list(API, "Volume"))
+    seen, token = [], ""
+    while True:
+        page = stub[0].ListVolumes(csi_pb2.ListVolumesRequest(max_entries=1, starting_token=token))
+        seen += [e.volume.volume_id for e in page.entries]
+        token = page.next_token
+        if not token:
+            break
+    assert seen == names
+
+
+def test_identity_and_capabilities(stub: Any) -> None:
+    info = stub[1].GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+    assert info.name == "csi.flashmesh.dev" and info.vendor_version
+    assert stub[1].Probe(csi_pb2.ProbeRequest()).ready.value
+    caps = stub[0].ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest())
+    kinds = {c.rpc.type for c in caps.capabilities}
+    rpc = csi_pb2.ControllerServiceCapability.RPC
+    assert {rpc.CREATE_DELETE_VOLUME, rpc.PUBLISH_UNPUBLISH_VOLUME, rpc.CREATE_DELETE_SNAPSHOT,
+            rpc.EXPAND_VOLUME, rpc.CLONE_VOLUME} <= kinds  # fmt: skip
+
+
+def test_secrets_never_reach_the_log(stub: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    request = create("")
+    request.secrets["dhchap"] = "DHHC-1:00:s3cr3tk3y:"
+    code_of(stub[0].CreateVolume, request)
+    assert "CreateVolume request" in caplog.text and "s3cr3tk3y" not in caplog.text
+    assert "<redacted>" in caplog.text
+
+
+PARAM_KEYS = st.sampled_from(["pool", "stripeWidth", "replicas", "transport", "ctrlLossTmo",
+                              "csi.storage.k8s.io/pvc/name", "bogus"])  # fmt: skip
+CAPS = st.lists(
+    st.builds(
+        lambda kind, mode, fs: block(mode) if kind else mount(mode, fs),
+        st.booleans(),
+        st.integers(0, 8),
+        st.sampled_from(["", "ext4", "xfs", "zfs"]),
+    ),
+    max_size=2,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    name=st.text(max_size=40),
+    required=st.integers(-(1 << 40), 1 << 40),
+    limit=st.integers(-(1 << 20), 1 << 40),
+    parameters=st.dictionaries(PARAM_KEYS, st.sampled_from(["", "1", "2", "-1", "x", POOL,
+                                                            "tcp", "99999"]), max_size=4),
+    caps=CAPS,
+)  # fmt: skip
+def test_fuzzed_create_requests_never_fail_inside(
+    stub: Any, name: str, required: int, limit: int, parameters: dict[str, str],
+    caps: list[Any],
+) -> None:  # fmt: skip
+    request = csi_pb2.CreateVolumeRequest(
+        name=name, volume_capabilities=caps, parameters=parameters,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit),
+    )  # fmt: skip
+    got, message = code_of(stub[0].CreateVolume, request)
+    assert got not in (Code.INTERNAL, Code.UNKNOWN), message
