@@ -96,7 +96,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             else:
                 self._same(volume, request, chosen, source)
             self.cluster.wait(f"volume {vid}", lambda: segments_missing(self.cluster.volume(vid)))
-            return csi_pb2.CreateVolumeResponse(volume=self._csi_volume(volume, chosen, request))
+            out = self._csi_volume(volume, chosen, request)
+            if pool.spec.security.dhchap:
+                out.volume_context["dhchap"] = "true"  # NodeStage then connects with its key
+            return csi_pb2.CreateVolumeResponse(volume=out)
 
     def _check_topology(self, requirement: Any) -> None:
         wanted = [

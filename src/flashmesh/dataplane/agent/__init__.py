@@ -13,6 +13,7 @@ agent's finalizer until its exports and logical volumes here are gone. A drive t
 did not select is never touched.
 """
 
-from flashmesh.dataplane.agent.loop import HOST_NQN_ANNOTATION, KEY_LABEL, Agent, main
+from flashmesh.dataplane.agent.loop import Agent, main
+from flashmesh.dataplane.host_keys import HOST_NQN_ANNOTATION, KEY_LABEL
 
 __all__ = ["HOST_NQN_ANNOTATION", "KEY_LABEL", "Agent", "main"]

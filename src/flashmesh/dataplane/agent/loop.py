@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from flashmesh.dataplane import identity, process, rdma
 from flashmesh.dataplane.agent.node_status import NodeReport, Written, report_node
 from flashmesh.dataplane.agent.snapshots import reconcile_snapshots
 from flashmesh.dataplane.agent.volumes import VolumeReconciler
+from flashmesh.dataplane.host_keys import KEY_HINT, host_keys
 from flashmesh.dataplane.inventory import inventory
 from flashmesh.dataplane.lvm import Lvm, LvmError
 from flashmesh.dataplane.process import CommandError, Runner
@@ -27,8 +27,6 @@ from flashmesh.kube import Kube, KubeError
 log = logging.getLogger(__name__)
 API = resources.API_VERSION
 NVME_PORT = 4420
-KEY_LABEL = f"{resources.GROUP}/dhchap-key"
-HOST_NQN_ANNOTATION = f"{resources.GROUP}/host-nqn"
 LEASE_SECONDS = 40
 
 
@@ -87,7 +85,7 @@ class Agent:
             keys = None
             if pool and pool.spec.security.dhchap:
                 # With authentication on, a host without a key is never allowed in.
-                keys = self._host_keys()
+                keys = host_keys(self.kube, self.namespace)
                 for host in {h for v in volumes for h in v.spec.hosts} - set(keys):
                     refused.setdefault(host, f"no DH-HMAC-CHAP key for {host}: {KEY_HINT}")
             snapshots = reconcile_snapshots(
@@ -197,17 +195,6 @@ class Agent:
             conditions.append(Condition("DrivesReady", "True", "DrivesSelected", message))
         return set(paths)
 
-    def _host_keys(self) -> dict[str, str]:
-        """Host NQN -> DH-HMAC-CHAP secret, from the Secrets that hold them. The keys never
-        reach a log line, an object's status or an Event."""
-        keys = {}
-        for secret in self.kube.list("v1", "Secret", self.namespace, f"{KEY_LABEL}=true"):
-            nqn = (secret["metadata"].get("annotations") or {}).get(HOST_NQN_ANNOTATION)
-            data = (secret.get("data") or {}).get("key")
-            if nqn and data:
-                keys[nqn] = base64.b64decode(data).decode().strip()
-        return keys
-
     def _say(self, obj: dict[str, Any], reason: str, message: str, warning: bool = False) -> None:
         """An Event, once per distinct message (not on every pass)."""
         if self._said.get(reason) == message:
@@ -217,12 +204,6 @@ class Agent:
             self.kube.event(obj, reason, message, warning=warning, component=self.manager)
         except KubeError as exc:
             log.warning("event not recorded: %s", exc)
-
-
-KEY_HINT = (
-    f"a Secret in the agent's namespace labelled {KEY_LABEL}=true, annotated "
-    f"{HOST_NQN_ANNOTATION}=<host NQN>, with the key under data.key"
-)
 
 
 def main(
