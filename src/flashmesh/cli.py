@@ -27,7 +27,12 @@ def _csi(args: argparse.Namespace) -> int:
     from flashmesh.csi_driver import main
 
     return main.run(
-        args.mode, args.endpoint, args.kubeconfig, args.namespace, args.fabric, args.wait
+        args.mode,
+        args.endpoint or ["unix:///csi/csi.sock"],
+        args.kubeconfig,
+        args.namespace,
+        args.fabric,
+        args.wait,
     )
 
 
@@ -58,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     csi.add_argument("--mode", choices=["controller", "node", "all"], required=True)
     csi.add_argument(
         "--endpoint",
-        default="unix:///csi/csi.sock",
-        help="unix:///path/to/socket, or host:port (the lab's node plugin in a VM)",
+        action="append",
+        help="unix:///path/to/socket (default unix:///csi/csi.sock), or host:port; repeatable",
     )
     csi.add_argument("--kubeconfig", help="default: the pod's service account")
     csi.add_argument(

@@ -18,7 +18,7 @@ MODES = ("controller", "node", "all")
 
 def run(
     mode: str,
-    endpoint: str,
+    endpoints: list[str],
     kubeconfig: str | None,
     namespace: str,
     fabric: str,
@@ -41,7 +41,7 @@ def run(
 
         node = Node.from_host(fabric=fabric, namespace=namespace, kubeconfig=kubeconfig)
         register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
-    server = serve(endpoint, register)
+    server = serve(endpoints, register)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

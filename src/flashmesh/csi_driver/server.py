@@ -62,13 +62,16 @@ def endpoint_address(endpoint: str) -> str:
     return endpoint
 
 
-def serve(endpoint: str, register: list[Callable[[grpc.Server], None]]) -> grpc.Server:
+def serve(endpoints: str | list[str], register: list[Callable[[grpc.Server], None]]) -> grpc.Server:
+    """One server on every endpoint (the lab's controller serves the sidecars on a socket and
+    the VMs over TCP)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=[CallLogger()])
     for add in register:
         add(server)
-    address = endpoint_address(endpoint)
-    if server.add_insecure_port(address) == 0 and not address.startswith("unix://"):
-        raise OSError(f"cannot listen on {endpoint}")
+    for endpoint in [endpoints] if isinstance(endpoints, str) else endpoints:
+        address = endpoint_address(endpoint)
+        if server.add_insecure_port(address) == 0 and not address.startswith("unix://"):
+            raise OSError(f"cannot listen on {endpoint}")
+        log.info("CSI server listening on %s", address)
     server.start()
-    log.info("CSI server listening on %s", address)
     return server

@@ -1,0 +1,115 @@
+"""The CSI driver in the lab: the controller as a process on the lab network (beside the
+API server), the node plugin in GPU VMs, each VM's CSINode written as the kubelet would
+(the lab has no kubelet), and a helper to talk to either over gRPC."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from agents import NAMESPACE
+from helpers import sh
+
+from flashmesh.core import resources
+from flashmesh.csi_driver._proto import csi_pb2_grpc
+from flashmesh.lab import processes
+from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.netns import bridge_address
+from flashmesh.lab.vm import Lab, host_nqn
+
+NODE_SOCKET = "/run/csi/csi.sock"
+NODE_PORT = 10000  # the node plugin also listens on the VM's addresses, for the tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def controller(lab: Lab, cluster: LocalCluster, socket_path: str = "") -> Iterator[str]:
+    """`flashmesh csi --mode controller` on the lab network (and on socket_path, for the
+    sidecars); its address for the VMs."""
+    port = free_port()
+    extra = ["--endpoint", f"unix://{socket_path}"] if socket_path else []
+    log = (lab.workdir / "csi-controller.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashmesh.cli", "csi", "--mode", "controller",
+         "--endpoint", f"0.0.0.0:{port}", *extra, "--kubeconfig", str(cluster.kubeconfig),
+         "--namespace", NAMESPACE, "--wait", "180"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    address = f"{bridge_address(0)}:{port}"
+    try:
+        assert processes.wait_until(lambda: _serving(address), 60), controller_log(lab)
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=2)
+        except grpc.FutureTimeoutError:
+            return False
+    return True
+
+
+def controller_log(lab: Lab) -> str:
+    path = lab.workdir / "csi-controller.log"
+    return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+def node_log(lab: Lab, vm: str) -> str:
+    path = lab.workdir / f"csi-node-{vm}.log"
+    return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+def start_node_plugin(lab: Lab, cluster: LocalCluster, vm: str) -> None:
+    """The node plugin in a GPU VM, and the CSINode its kubelet would write."""
+    sh(lab, vm, f"rm -f {NODE_SOCKET}; pkill -f 'flashmesh.cli csi' || true")
+    lab.spawn(
+        vm,
+        f"export FLASHMESH_NODE_STATE=/run/flashmesh-node\n"
+        f"exec {sys.executable} -m flashmesh.cli csi --mode node --endpoint unix://{NODE_SOCKET} "
+        f"--endpoint 0.0.0.0:{NODE_PORT} "
+        f"--kubeconfig /lab/agent.kubeconfig --namespace {NAMESPACE} "
+        f">> /lab/csi-node-{vm}.log 2>&1",
+    )
+    assert processes.wait_until(
+        lambda: lab.exec(vm, f"test -S {NODE_SOCKET}", check=False).rc == 0, 120
+    ), node_log(lab, vm)
+    kube = cluster.kube
+    body = {
+        "apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": {"name": vm},
+        "spec": {"drivers": [{"name": resources.CSI_DRIVER, "nodeID": host_nqn(vm),
+                              "topologyKeys": ["topology.flashmesh.dev/fabric"]}]},
+    }  # fmt: skip
+    if kube.get("storage.k8s.io/v1", "CSINode", vm) is None:
+        kube.create(body)
+
+
+def stop_node_plugin(lab: Lab, vm: str) -> None:
+    lab.exec(vm, "pkill -f 'flashmesh.cli csi' || true", check=False)
+
+
+def controller_stub(address: str) -> Any:
+    return csi_pb2_grpc.ControllerStub(grpc.insecure_channel(address))
+
+
+def node_stub(vm_address: str) -> Any:
+    return csi_pb2_grpc.NodeStub(grpc.insecure_channel(f"{vm_address}:{NODE_PORT}"))

@@ -1,0 +1,446 @@
+"""The CSI Node service: connect a volume's segments over NVMe-oF, assemble a stripe,
+make and mount a filesystem (or hand over the raw block device), and undo it all.
+
+NodeStage records what it connected in a small file per volume under state_dir, so that
+NodeUnstage and NodeExpandVolume, which get only the volume id and a path, disconnect or
+grow exactly that volume's subsystems, even after the plugin restarts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from flashmesh.core import params
+from flashmesh.csi_driver import capabilities
+from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
+from flashmesh.csi_driver.controller import TOPOLOGY_KEY
+from flashmesh.csi_driver.errors import CsiError, invalid, not_found
+from flashmesh.csi_driver.locks import VolumeLocks
+from flashmesh.dataplane import assembly, filesystem, identity, process, rdma
+from flashmesh.dataplane.initiator import nvme, sysfs
+from flashmesh.dataplane.process import CommandError, SecretRunner
+
+log = logging.getLogger(__name__)
+RPC = csi_pb2.NodeServiceCapability.RPC
+CHUNK_SECTORS = 256  # 128 KiB stripe chunks
+DHCHAP_CONTEXT = "dhchap"
+
+
+def _fail(code: grpc.StatusCode, message: str) -> CsiError:
+    return CsiError(code, message)
+
+
+def parse_segments(raw: str) -> list[dict[str, Any]]:
+    """publish_context["segments"] as ControllerPublish wrote it: a list of {nqn,
+    endpoints: ["transport:address:port", ...]}; ValueError names what is wrong."""
+    segments = json.loads(raw)
+    if not isinstance(segments, list) or not segments:
+        raise ValueError("segments must be a non-empty list")
+    for seg in segments:
+        if not isinstance(seg, dict) or not isinstance(seg.get("nqn"), str) or not seg["nqn"]:
+            raise ValueError(f"segment {seg!r} has no subsystem NQN")
+        endpoints = seg.get("endpoints")
+        if not isinstance(endpoints, list) or not all(isinstance(e, str) for e in endpoints):
+            raise ValueError(f"segment {seg['nqn']} has no endpoint list")
+        for endpoint in endpoints:
+            transport, _, rest = endpoint.partition(":")
+            address, _, port = rest.rpartition(":")
+            if transport not in ("tcp", "rdma") or not address or not port.isdigit():
+                raise ValueError(f"endpoint {endpoint!r} is not transport:address:port")
+    return segments
+
+
+@dataclass
+class Staged:
+    """What NodeStage did for one volume."""
+
+    nqns: list[str]
+    device: str
+    dm: str | None
+    block: bool
+    fstype: str | None
+
+
+@dataclass
+class Node(csi_pb2_grpc.NodeServicer):
+    host_nqn: str
+    host_id: str
+    fabric: str
+    state_dir: Path
+    runner: SecretRunner = process.run
+    # This host's DH-HMAC-CHAP key when the pool asks for authentication (from a Secret).
+    key_source: Any = None
+    max_volumes: int = 128
+    locks: VolumeLocks = field(default_factory=VolumeLocks)
+
+    @classmethod
+    def from_host(cls, fabric: str, namespace: str, kubeconfig: str | None) -> Node:
+        smbios = identity.SMBIOS_UUID.read_text().strip().lower()
+        keys = None
+        if kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
+            from flashmesh.dataplane.host_keys import host_keys
+            from flashmesh.kube import Kube
+
+            kube = Kube.from_kubeconfig(kubeconfig)
+            keys = lambda: host_keys(kube, namespace)  # noqa: E731 - read at each stage
+        state = Path(os.environ.get("FLASHMESH_NODE_STATE", "/var/lib/flashmesh/node"))
+        return cls(identity.host_nqn(), smbios, fabric, state, key_source=keys)
+
+    # --- information ----------------------------------------------------------------------
+
+    def NodeGetInfo(self, request: Any, context: Any) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.host_nqn,
+            max_volumes_per_node=self.max_volumes,
+            accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_KEY: self.fabric}),
+        )
+
+    def NodeGetCapabilities(
+        self, request: Any, context: Any
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        kinds = [
+            RPC.STAGE_UNSTAGE_VOLUME,
+            RPC.GET_VOLUME_STATS,
+            RPC.EXPAND_VOLUME,
+            RPC.VOLUME_CONDITION,
+            RPC.SINGLE_NODE_MULTI_WRITER,
+        ]
+        caps = [csi_pb2.NodeServiceCapability(rpc=RPC(type=k)) for k in kinds]
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=caps)
+
+    # --- staging --------------------------------------------------------------------------
+
+    def NodeStageVolume(self, request: Any, context: Any) -> csi_pb2.NodeStageVolumeResponse:
+        vid, staging = request.volume_id, request.staging_target_path
+        if not vid:
+            raise invalid("volume_id is missing")
+        if not staging:
+            raise invalid("staging_target_path is missing")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is missing")
+        capabilities.check([request.volume_capability], "volume_capability")
+        raw = request.publish_context.get("segments")
+        if not raw:
+            raise _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"publish_context has no segments for {vid}: was it published to this "
+                "node (ControllerPublishVolume)?",
+            )
+        try:
+            segments = parse_segments(raw)
+            chosen = params.from_context(dict(request.volume_context))
+        except (ValueError, params.ParameterError) as exc:
+            raise invalid(
+                f"publish_context or volume_context of {vid} is malformed: {exc}"
+            ) from None
+        cap = request.volume_capability
+        with self.locks.hold(vid):
+            secret = self._secret(request.volume_context.get(DHCHAP_CONTEXT) == "true")
+            devices = [self._connect(s["nqn"], s["endpoints"], chosen, secret) for s in segments]
+            nqns = [s["nqn"] for s in segments]
+            device, dm = self._assemble(vid, devices)
+            block = cap.WhichOneof("access_type") == "block"
+            fstype = None if block else capabilities.fs_type(cap)
+            self._save(vid, Staged(nqns, device, dm, block, fstype))
+            if not block:
+                assert fstype is not None
+                self._mount_staged(vid, device, staging, fstype, cap)
+        return csi_pb2.NodeStageVolumeResponse()
+
+    def _secret(self, wanted: bool) -> str | None:
+        if not wanted:
+            return None
+        keys = self.key_source() if self.key_source else {}
+        if self.host_nqn not in keys:
+            from flashmesh.dataplane.host_keys import KEY_HINT
+
+            raise _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the pool asks for DH-HMAC-CHAP and host {self.host_nqn} has no key: "
+                f"add {KEY_HINT}",
+            )
+        key: str = keys[self.host_nqn]
+        return key
+
+    def _connect(
+        self, nqn: str, endpoints: list[str], chosen: params.VolumeParams, secret: str | None
+    ) -> str:
+        parsed = [(e.split(":", 1)[0], *e.split(":", 1)[1].rsplit(":", 1)) for e in endpoints]
+        transports = {t for t, _, _ in parsed}
+        transport = chosen.transport
+        if transport is None:
+            local_rdma = any(p.state == "ACTIVE" for p in rdma.discover())
+            transport = "rdma" if "rdma" in transports and local_rdma else "tcp"
+        paths = [(a, port) for t, a, port in parsed if t == transport]
+        if not paths:
+            raise _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{nqn} is not served over {transport} (endpoints: "
+                f"{', '.join(endpoints) or 'none'})",
+            )
+        t = chosen.timeouts
+        device = ""
+        for address, port in paths:
+            opts = nvme.ConnectOptions(  # the endpoint's shape was checked by parse_segments
+                transport,
+                address,
+                port,
+                nqn,
+                self.host_nqn,
+                self.host_id,
+                ctrl_loss_tmo=t.ctrl_loss_tmo,
+                reconnect_delay=t.reconnect_delay,
+                fast_io_fail_tmo=t.fast_io_fail_tmo,
+                keep_alive_tmo=t.keep_alive_tmo,
+                dhchap_secret=secret,
+            )
+            try:
+                device = nvme.connect(self.runner, opts)
+            except (nvme.InitiatorError, CommandError) as exc:
+                raise _fail(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        return device
+
+    def _assemble(self, vid: str, devices: list[str]) -> tuple[str, str | None]:
+        if len(devices) == 1:
+            return devices[0], None
+        sizes = [sysfs.block_sectors(Path(d).name) or 0 for d in devices]
+        name = assembly.dm_name(vid)
+        try:
+            return assembly.ensure_striped(
+                self.runner, name, devices, min(sizes), CHUNK_SECTORS
+            ), name
+        except assembly.AssemblyError as exc:
+            raise _fail(grpc.StatusCode.INTERNAL, f"assembling {vid}: {exc}") from None
+
+    def _mount_staged(self, vid: str, device: str, staging: str, fstype: str, cap: Any) -> None:
+        read_only = cap.access_mode.mode in capabilities.READ_ONLY
+        try:
+            found = filesystem.probe(self.runner, device)
+            if found is None:
+                if read_only:
+                    raise _fail(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"volume {vid} holds no filesystem, and a read-only volume "
+                        "cannot be given one: write it from a single writer first",
+                    )
+                filesystem.make(self.runner, device, fstype)
+                found = fstype
+            options = list(cap.mount.mount_flags)
+            if read_only:
+                if filesystem.needs_recovery(self.runner, device, found):
+                    raise _fail(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"volume {vid}'s {found} journal needs recovery: the writer did "
+                        "not unmount it cleanly; mount it read-write once, then "
+                        "publish it read-only",
+                    )
+                options += list(filesystem.readonly_options(found))
+            filesystem.mount(self.runner, device, staging, found, options)
+            if not read_only:
+                # A restore into a bigger volume: Kubernetes never calls NodeExpand for it.
+                filesystem.grow(self.runner, device, staging, found)
+        except filesystem.FilesystemError as exc:
+            raise _fail(grpc.StatusCode.INTERNAL, f"volume {vid}: {exc}") from None
+
+    def NodeUnstageVolume(self, request: Any, context: Any) -> csi_pb2.NodeUnstageVolumeResponse:
+        vid, staging = request.volume_id, request.staging_target_path
+        if not vid:
+            raise invalid("volume_id is missing")
+        if not staging:
+            raise invalid("staging_target_path is missing")
+        with self.locks.hold(vid):
+            try:
+                filesystem.unmount(self.runner, staging)
+                staged = self._load(vid)
+                if staged is not None:
+                    if staged.dm:
+                        assembly.remove(self.runner, staged.dm)
+                    for nqn in staged.nqns:
+                        nvme.disconnect(self.runner, nqn)
+                    self._state(vid).unlink(missing_ok=True)
+            except (filesystem.FilesystemError, assembly.AssemblyError, nvme.InitiatorError) as exc:
+                raise _fail(grpc.StatusCode.INTERNAL, f"unstaging {vid}: {exc}") from None
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def NodePublishVolume(self, request: Any, context: Any) -> csi_pb2.NodePublishVolumeResponse:
+        vid, target, staging = request.volume_id, request.target_path, request.staging_target_path
+        if not vid:
+            raise invalid("volume_id is missing")
+        if not target:
+            raise invalid("target_path is missing")
+        if not staging:
+            raise invalid("staging_target_path is missing: FlashMesh stages every volume")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is missing")
+        capabilities.check([request.volume_capability], "volume_capability")
+        with self.locks.hold(vid):
+            staged = self._load(vid)
+            if staged is None:
+                raise _fail(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"volume {vid} is not staged on this node: NodeStageVolume first",
+                )
+            read_only = request.readonly or (
+                request.volume_capability.access_mode.mode in capabilities.READ_ONLY
+            )
+            source = staged.device if staged.block else staging
+            self._bind(source, target, staged.block, read_only)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _bind(self, source: str, target: str, block: bool, read_only: bool) -> None:
+        if filesystem.mounted_at(target) is not None:
+            return
+        path = Path(target)
+        if block:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()  # a CO that made a directory: a device binds onto a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(exist_ok=True)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+        try:
+            process.check(self.runner, ["mount", "--bind", source, target])
+            if read_only:
+                process.check(self.runner, ["mount", "-o", "remount,bind,ro", target])
+        except CommandError as exc:
+            raise _fail(grpc.StatusCode.INTERNAL, f"publishing at {target}: {exc}") from None
+
+    def NodeUnpublishVolume(
+        self, request: Any, context: Any
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        vid, target = request.volume_id, request.target_path
+        if not vid:
+            raise invalid("volume_id is missing")
+        if not target:
+            raise invalid("target_path is missing")
+        with self.locks.hold(vid):
+            try:
+                filesystem.unmount(self.runner, target)
+            except filesystem.FilesystemError as exc:
+                raise _fail(grpc.StatusCode.INTERNAL, str(exc)) from None
+            path = Path(target)
+            if path.is_dir():
+                path.rmdir()
+            elif path.exists():
+                path.unlink()
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # --- stats and growth ----------------------------------------------------------------------
+
+    def NodeGetVolumeStats(self, request: Any, context: Any) -> csi_pb2.NodeGetVolumeStatsResponse:
+        vid, path = request.volume_id, request.volume_path
+        if not vid:
+            raise invalid("volume_id is missing")
+        if not path:
+            raise invalid("volume_path is missing")
+        if not Path(path).exists():
+            raise not_found(f"volume_path {path} does not exist")
+        staged = self._load(vid)
+        if staged is None:
+            raise not_found(f"volume {vid} is not staged on this node")
+        Unit = csi_pb2.VolumeUsage
+        if Path(path).is_dir():
+            fs = os.statvfs(path)
+            usage = [
+                Unit(
+                    unit=Unit.BYTES,
+                    total=fs.f_blocks * fs.f_frsize,
+                    available=fs.f_bavail * fs.f_frsize,
+                    used=(fs.f_blocks - fs.f_bfree) * fs.f_frsize,
+                ),
+                Unit(
+                    unit=Unit.INODES,
+                    total=fs.f_files,
+                    available=fs.f_favail,
+                    used=fs.f_files - fs.f_ffree,
+                ),
+            ]
+        else:
+            sectors = sysfs.block_sectors(Path(os.path.realpath(staged.device)).name) or 0
+            usage = [Unit(unit=Unit.BYTES, total=sectors * 512)]
+        down = [
+            f"{nqn} via {t} {a}:{s} is {state}"
+            for nqn in staged.nqns
+            for t, a, s, state in sysfs.path_states(nqn)
+            if state != "live"
+        ]
+        if not any(sysfs.path_states(nqn) for nqn in staged.nqns):
+            down.append("no path is connected")
+        condition = csi_pb2.VolumeCondition(
+            abnormal=bool(down), message="; ".join(down) or "all paths live"
+        )
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def NodeExpandVolume(self, request: Any, context: Any) -> csi_pb2.NodeExpandVolumeResponse:
+        vid, path = request.volume_id, request.volume_path
+        if not vid:
+            raise invalid("volume_id is missing")
+        if not path:
+            raise invalid("volume_path is missing")
+        if not Path(path).exists():
+            raise not_found(f"volume_path {path} does not exist")
+        with self.locks.hold(vid):
+            staged = self._load(vid)
+            if staged is None:
+                raise not_found(f"volume {vid} is not staged on this node")
+            wanted = request.capacity_range.required_bytes // 512 // max(len(staged.nqns), 1)
+            try:
+                devices = self._grown_devices(staged.nqns, wanted)
+                if staged.dm:
+                    sizes = [sysfs.block_sectors(Path(d).name) or 0 for d in devices]
+                    assembly.ensure_striped(
+                        self.runner, staged.dm, devices, min(sizes), CHUNK_SECTORS
+                    )
+                if not staged.block and staged.fstype:
+                    filesystem.grow(self.runner, staged.device, path, staged.fstype)
+            except (nvme.InitiatorError, assembly.AssemblyError, filesystem.FilesystemError) as exc:
+                raise _fail(grpc.StatusCode.INTERNAL, f"expanding {vid}: {exc}") from None
+            sectors = sysfs.block_sectors(Path(os.path.realpath(staged.device)).name) or 0
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=sectors * 512)
+
+    def _grown_devices(self, nqns: list[str], sectors: int, timeout: float = 60) -> list[str]:
+        """Each segment's device, once it shows at least `sectors` (the storage node grew
+        it; the host reads the new size a moment after a rescan, not at once)."""
+        for nqn in nqns:
+            nvme.rescan(self.runner, nqn)
+        devices = [f"/dev/{Path(sysfs.namespace_device(nqn) or nqn).name}" for nqn in nqns]
+
+        def grown() -> bool:
+            return all((sysfs.block_sectors(Path(d).name) or 0) >= sectors for d in devices)
+
+        deadline = time.monotonic() + timeout
+        while not grown():
+            if time.monotonic() > deadline:
+                raise _fail(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the segments of {', '.join(nqns)} do not show {sectors} sectors "
+                    f"after {timeout:.0f} s: has ControllerExpandVolume finished?",
+                )
+            time.sleep(0.2)
+        return devices
+
+    # --- records ------------------------------------------------------------------------------
+
+    def _state(self, vid: str) -> Path:
+        return self.state_dir / f"{vid}.json"
+
+    def _save(self, vid: str, staged: Staged) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state(vid).with_suffix(".tmp")
+        tmp.write_text(json.dumps(staged.__dict__))
+        tmp.replace(self._state(vid))
+
+    def _load(self, vid: str) -> Staged | None:
+        try:
+            return Staged(**json.loads(self._state(vid).read_text()))
+        except FileNotFoundError:
+            return None

@@ -1,0 +1,207 @@
+"""The NVMe-oF host side over nvme-cli: connect to a segment's subsystem (idempotently, with
+the StorageClass's timeouts and an optional DH-HMAC-CHAP key), find its block device,
+rescan it after it grew, disconnect.
+
+nvme-cli 2.3 (Debian 12) knows --ctrl-loss-tmo, --reconnect-delay and --keep-alive-tmo but
+not fast_io_fail_tmo, which is written to the controller's sysfs attribute once it exists
+(the kernel default is `off`: I/O then waits for ctrl_loss_tmo). `nvme connect` to an
+address the host is already connected to fails with "already connected", so sysfs is read
+first; a DH-HMAC-CHAP key goes through the redacting runner (process.check_secret) and
+never into a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flashmesh.dataplane import process
+from flashmesh.dataplane.initiator import sysfs
+from flashmesh.dataplane.initiator.sysfs import SYSFS, Controller
+from flashmesh.dataplane.process import CommandError, Runner, SecretRunner
+
+DEV = Path("/dev")
+TRANSPORTS = ("tcp", "rdma")
+SEGMENT_NSID = 1
+# What nvme-cli says when such a controller exists (another caller raced us): not an error.
+_ALREADY = "already connected"
+# Hints for the refusals seen in the lab (nvme-cli passes on the kernel's errno), so an
+# error says what to check.
+_HINTS = (
+    ("Input/output error", "refused: NQN not on that port, host not allowed, or a wrong key"),
+    ("Key was rejected", "the DH-HMAC-CHAP key is wrong"),
+    ("Required key not available", "the target wants a DH-HMAC-CHAP key"),
+    ("Operation not permitted", "the DH-HMAC-CHAP key is malformed"),
+    ("Connection refused", "no nvmet port listens at that address"),
+    ("Connection timed out", "the address does not answer (network, or the node is down)"),
+)
+
+
+class InitiatorError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """One path to one subsystem. Timeouts in seconds; None leaves the kernel's default
+    (ctrl_loss_tmo 600, reconnect_delay 10, keep_alive_tmo 5, fast_io_fail_tmo off);
+    -1 for ctrl_loss_tmo reconnects forever, for fast_io_fail_tmo turns it off."""
+
+    transport: str
+    traddr: str
+    trsvcid: str
+    nqn: str
+    hostnqn: str
+    hostid: str | None = None
+    ctrl_loss_tmo: int | None = None
+    reconnect_delay: int | None = None
+    fast_io_fail_tmo: int | None = None
+    keep_alive_tmo: int | None = None
+    # Kept out of repr, so a logged ConnectOptions shows no key.
+    dhchap_secret: str | None = field(default=None, repr=False)
+    dhchap_ctrl_secret: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
+        if not self.trsvcid.isdigit():
+            raise ValueError(f"trsvcid {self.trsvcid!r} is not a port number")
+        for name in ("traddr", "nqn", "hostnqn"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+
+    @property
+    def where(self) -> str:
+        return f"{self.nqn} at {self.transport} {self.traddr}:{self.trsvcid}"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.dhchap_secret, self.dhchap_ctrl_secret) if s)
+
+
+def connect_argv(opts: ConnectOptions) -> list[str]:
+    """The `nvme connect` command line (with the secrets in it: run it redacted)."""
+    argv = [
+        "nvme",
+        "connect",
+        f"--transport={opts.transport}",
+        f"--traddr={opts.traddr}",
+        f"--trsvcid={opts.trsvcid}",
+        f"--nqn={opts.nqn}",
+        f"--hostnqn={opts.hostnqn}",
+    ]
+    optional = (
+        ("--hostid", opts.hostid),
+        ("--ctrl-loss-tmo", opts.ctrl_loss_tmo),
+        ("--reconnect-delay", opts.reconnect_delay),
+        ("--keep-alive-tmo", opts.keep_alive_tmo),
+        ("--dhchap-secret", opts.dhchap_secret),
+        ("--dhchap-ctrl-secret", opts.dhchap_ctrl_secret),
+    )
+    argv += [f"{flag}={value}" for flag, value in optional if value is not None]
+    return argv
+
+
+def _matching(opts: ConnectOptions, root: Path) -> list[Controller]:
+    """This path's controllers that are, or will again be, connected."""
+    subsystem = sysfs.find_subsystem(opts.nqn, root)
+    if subsystem is None:
+        return []
+    return [
+        c
+        for c in subsystem.controllers
+        if c.active
+        and c.reaches(opts.transport, opts.traddr, opts.trsvcid)
+        and c.hostnqn in ("", opts.hostnqn)
+    ]
+
+
+def _hint(detail: str) -> str:
+    return next((f" ({hint})" for text, hint in _HINTS if text in detail), "")
+
+
+def _ensure_module(runner: Runner, transport: str, root: Path) -> None:
+    # /dev/nvme-fabrics exists only once nvme-fabrics is loaded; without udev nothing
+    # loads it on demand.
+    if not (root / "module" / f"nvme_{transport}").exists():
+        process.check(runner, ["modprobe", "-a", "nvme-fabrics", f"nvme-{transport}"])
+
+
+def _set_fast_io_fail(controller: str, value: int, root: Path) -> None:
+    path = sysfs.controller_attribute(controller, "fast_io_fail_tmo", root)
+    wanted = "off" if value < 0 else str(value)
+    try:
+        if path.read_text().strip() != wanted:
+            path.write_text(str(value))
+    except OSError as exc:
+        raise InitiatorError(f"cannot set {path} to {value}: {exc}") from exc
+
+
+def connect(
+    runner: SecretRunner,
+    opts: ConnectOptions,
+    sysfs_root: Path = SYSFS,
+    dev_root: Path = DEV,
+    timeout: float = 60.0,
+    poll: float = 0.2,
+) -> str:
+    """Connects this path unless a controller for it already exists (live, or reconnecting
+    on its own), then waits for namespace 1's block device and returns its /dev path.
+    Another path to the same subsystem returns the same device (native multipath)."""
+    if not _matching(opts, sysfs_root):
+        _ensure_module(runner, opts.transport, sysfs_root)
+        try:
+            process.check_secret(runner, connect_argv(opts), opts.secrets)
+        except CommandError as exc:
+            detail = exc.result.stderr.strip() or exc.result.stdout.strip()
+            if _ALREADY not in detail:
+                raise InitiatorError(
+                    f"nvme connect to {opts.where} failed: {detail}{_hint(detail)}"
+                ) from None
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = _matching(opts, sysfs_root)
+        device = sysfs.namespace_device(opts.nqn, SEGMENT_NSID, sysfs_root)
+        if paths and device is not None and (dev_root / Path(device).name).exists():
+            if opts.fast_io_fail_tmo is not None:
+                for controller in paths:
+                    _set_fast_io_fail(controller.name, opts.fast_io_fail_tmo, sysfs_root)
+            return str(dev_root / Path(device).name)
+        if time.monotonic() >= deadline:
+            states = sysfs.path_states(opts.nqn, sysfs_root)
+            seen = ", ".join(f"{t} {a}:{s} {st}" for t, a, s, st in states) or "no paths"
+            raise InitiatorError(
+                f"no block device for {opts.where} after {timeout:g} s ({seen}); check that "
+                f"the target exports namespace {SEGMENT_NSID} to host {opts.hostnqn}"
+            )
+        time.sleep(poll)
+
+
+def disconnect(runner: Runner, nqn: str, sysfs_root: Path = SYSFS) -> bool:
+    """Disconnects every path to the subsystem; False when there was none. Remove any
+    device-mapper table over its device first: an open head device outlives its paths."""
+    subsystem = sysfs.find_subsystem(nqn, sysfs_root)
+    if subsystem is None or not subsystem.controllers:
+        return False
+    try:
+        process.check(runner, ["nvme", "disconnect", f"--nqn={nqn}"])
+    except CommandError as exc:
+        raise InitiatorError(f"nvme disconnect from {nqn} failed: {exc}") from None
+    return True
+
+
+def rescan(runner: Runner, nqn: str, sysfs_root: Path = SYSFS) -> list[str]:
+    """Asks each live path to read its namespaces again, so a segment that grew on its
+    storage node shows its new size (the kernel updates it a moment later, not at once);
+    returns the controllers asked."""
+    subsystem = sysfs.find_subsystem(nqn, sysfs_root)
+    live = [c.name for c in (subsystem.controllers if subsystem else ()) if c.state == "live"]
+    if not live:
+        raise InitiatorError(f"no live path to {nqn} to rescan: connect it first")
+    for controller in live:
+        try:
+            process.check(runner, ["nvme", "ns-rescan", f"/dev/{controller}"])
+        except CommandError as exc:
+            raise InitiatorError(f"rescan of {nqn} through {controller} failed: {exc}") from None
+    return live
