@@ -651,19 +651,26 @@ def _csi_snapshot(snap: Snapshot) -> csi_pb2.Snapshot:
     return out
 
 
+def _order(item: Any) -> str:
+    """Oldest first, then by name: a volume made between two pages sorts after both, and
+    a token keeps working when the item it names is deleted."""
+    return f"{item.metadata.creation_timestamp or ''}|{item.metadata.name}"
+
+
 def _page(items: list[Any], max_entries: int, token: str) -> tuple[list[Any], str]:
-    """A page of a sorted list; the token is the next item's position."""
+    """A page of the items after the token (the last item of the previous page)."""
     if max_entries < 0:
         raise invalid("max_entries must not be negative")
-    start = 0
+    ordered = sorted(items, key=_order)
     if token:
-        if not token.isdigit() or int(token) > len(items):
+        if "|" not in token:
             raise _fail(
                 grpc.StatusCode.ABORTED, f"starting_token {token!r} is not valid: list again"
             )
-        start = int(token)
-    end = len(items) if not max_entries else start + max_entries
-    return items[start:end], str(end) if end < len(items) else ""
+        ordered = [item for item in ordered if _order(item) > token]
+    page = ordered[:max_entries] if max_entries else ordered
+    more = len(page) < len(ordered)
+    return page, _order(page[-1]) if more and page else ""
 
 
 __all__ = ["TOPOLOGY_KEY", "Controller", "Layout", "publish_context", "resources"]

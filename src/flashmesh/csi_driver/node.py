@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 RPC = csi_pb2.NodeServiceCapability.RPC
 CHUNK_SECTORS = 256  # 128 KiB stripe chunks
 DHCHAP_CONTEXT = "dhchap"
+STAGE_SECRET_KEY = "dhchapKey"
 
 
 def _fail(code: grpc.StatusCode, message: str) -> CsiError:
@@ -142,7 +143,8 @@ class Node(csi_pb2_grpc.NodeServicer):
             ) from None
         cap = request.volume_capability
         with self.locks.hold(vid):
-            secret = self._secret(request.volume_context.get(DHCHAP_CONTEXT) == "true")
+            wanted = request.volume_context.get(DHCHAP_CONTEXT) == "true"
+            secret = self._secret(wanted, dict(request.secrets))
             devices = [self._connect(s["nqn"], s["endpoints"], chosen, secret) for s in segments]
             nqns = [s["nqn"] for s in segments]
             device, dm = self._assemble(vid, devices)
@@ -154,9 +156,13 @@ class Node(csi_pb2_grpc.NodeServicer):
                 self._mount_staged(vid, device, staging, fstype, cap)
         return csi_pb2.NodeStageVolumeResponse()
 
-    def _secret(self, wanted: bool) -> str | None:
+    def _secret(self, wanted: bool, given: dict[str, str]) -> str | None:
+        """This host's DH-HMAC-CHAP key: from the node-stage secret a StorageClass names
+        (key `dhchapKey`), else from the host's key Secret (the layout the agents read)."""
         if not wanted:
             return None
+        if given.get(STAGE_SECRET_KEY):
+            return given[STAGE_SECRET_KEY]
         keys = self.key_source() if self.key_source else {}
         if self.host_nqn not in keys:
             from flashmesh.dataplane.host_keys import KEY_HINT

@@ -1,0 +1,223 @@
+"""The CSI driver's calls made directly, as a CO would, in the lab: a striped volume written
+on GPU-0, then mounted read-only on GPU-0 and GPU-1 at once, both reading back the same
+bytes; with DH-HMAC-CHAP on, the node's key attaches the volume and a wrong key is refused
+by the target kernel."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from agents import API, NAMESPACE, POOL, agent_log
+from csi import controller, controller_log, controller_stub, node_log, node_stub, start_node_plugin
+from helpers import GPU0, GPU1, WRONG_KEY_REFUSALS, Scenario, sh
+
+from flashmesh.csi_driver._proto import csi_pb2
+from flashmesh.dataplane.host_keys import HOST_NQN_ANNOTATION, KEY_LABEL
+from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.vm import Lab, host_nqn
+
+pytestmark = pytest.mark.kernel
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+GPUS = (GPU0, GPU1)
+
+
+@dataclass
+class Driver:
+    controller: Any
+    nodes: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def driver(lab: Lab, agents: LocalCluster) -> Iterator[Driver]:
+    with controller(lab, agents) as address:
+        for gpu in GPUS:
+            start_node_plugin(lab, agents, gpu.name)
+        yield Driver(controller_stub(address), {g.name: node_stub(g.address(0)) for g in GPUS})
+
+
+def mount_cap(mode: int) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def create(driver: Driver, name: str, stripes: int = 2) -> csi_pb2.Volume:
+    request = csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=64 << 20),
+        volume_capabilities=[
+            mount_cap(Mode.SINGLE_NODE_WRITER),
+            mount_cap(Mode.MULTI_NODE_READER_ONLY),
+        ],
+        parameters={"pool": POOL, "stripeWidth": str(stripes)},
+    )
+    volume: csi_pb2.Volume = driver.controller.CreateVolume(request, timeout=600).volume
+    return volume
+
+
+class Attached:
+    """One volume published to, staged and published on one GPU VM."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        volume: csi_pb2.Volume,
+        vm: str,
+        mode: int,
+        secrets: dict[str, str] | None = None,
+    ) -> None:
+        self.driver, self.volume, self.vm = driver, volume, vm
+        self.cap = mount_cap(mode)
+        self.readonly = mode == Mode.MULTI_NODE_READER_ONLY
+        self.staging = f"/run/csi-test/{volume.volume_id}/staging"
+        self.target = f"/run/csi-test/{volume.volume_id}/target"
+        published = driver.controller.ControllerPublishVolume(
+            csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=volume.volume_id,
+                node_id=host_nqn(vm),
+                volume_capability=self.cap,
+                readonly=self.readonly,
+                volume_context=volume.volume_context,
+            ),
+            timeout=600,
+        )
+        node = driver.nodes[vm]
+        node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=volume.volume_id,
+                publish_context=published.publish_context,
+                staging_target_path=self.staging,
+                volume_capability=self.cap,
+                volume_context=volume.volume_context,
+                secrets=secrets or {},
+            ),
+            timeout=600,
+        )
+        node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=volume.volume_id,
+                staging_target_path=self.staging,
+                target_path=self.target,
+                volume_capability=self.cap,
+                readonly=self.readonly,
+                volume_context=volume.volume_context,
+            ),
+            timeout=120,
+        )
+
+    def detach(self) -> None:
+        vid, node = self.volume.volume_id, self.driver.nodes[self.vm]
+        node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=self.target), timeout=120
+        )
+        node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=self.staging),
+            timeout=300,
+        )
+        self.driver.controller.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(self.vm)),
+            timeout=600,
+        )
+
+
+def logs(lab: Lab) -> str:
+    return (
+        f"--- controller ---\n{controller_log(lab)}\n--- gpu-0 ---\n{node_log(lab, 'gpu-0')}"
+        f"\n--- gpu-1 ---\n{node_log(lab, 'gpu-1')}\n--- agent ---\n"
+        f"{agent_log(lab, 'storage-0')}"
+    )
+
+
+def test_written_once_then_read_only_on_two_gpus_at_once(
+    lab: Lab, driver: Driver, scenario: Scenario
+) -> None:
+    volume = create(driver, "pvc-csi-dataset")
+    try:
+        writer = Attached(driver, volume, GPU0.name, Mode.SINGLE_NODE_WRITER)
+        written = sh(
+            lab,
+            GPU0.name,
+            f"head -c 8M /dev/urandom > {writer.target}/dataset && "
+            f"sync && sha256sum < {writer.target}/dataset | cut -d' ' -f1",
+        ).strip()
+        writer.detach()
+        readers = [Attached(driver, volume, g.name, Mode.MULTI_NODE_READER_ONLY) for g in GPUS]
+        for reader in readers:
+            read = sh(lab, reader.vm, f"sha256sum < {reader.target}/dataset | cut -d' ' -f1")
+            assert read.strip() == written, reader.vm
+            options = sh(lab, reader.vm, f"findmnt -no OPTIONS {reader.target}").strip()
+            assert options.split(",")[0] == "ro", options
+            refused = lab.exec(reader.vm, f"touch {reader.target}/x", check=False)
+            assert refused.rc != 0 and "Read-only file system" in refused.output
+        for reader in readers:
+            reader.detach()
+    except grpc.RpcError as err:
+        raise AssertionError(f"{err.code()}: {err.details()}\n{logs(lab)}") from None
+    finally:
+        driver.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id), timeout=600
+        )
+    scenario.done(
+        "striped volume written on gpu-0, then read-only on gpu-0 and gpu-1 at once: "
+        "same sha256 on both, writes refused"
+    )
+
+
+def test_with_authentication_the_nodes_key_attaches_and_a_wrong_key_is_refused(
+    lab: Lab, driver: Driver, agents: LocalCluster, scenario: Scenario
+) -> None:
+    kube = agents.kube
+    gpu = host_nqn(GPU0.name)
+    key, wrong = (sh(lab, GPU0.name, f"nvme gen-dhchap-key -n {gpu}").strip() for _ in range(2))
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": "dhchap-csi-gpu-0",
+                "namespace": NAMESPACE,
+                "labels": {KEY_LABEL: "true"},
+                "annotations": {HOST_NQN_ANNOTATION: gpu},
+            },
+            "data": {"key": base64.b64encode(key.encode()).decode()},
+        }
+    )
+    kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": True}}})
+    volume = create(driver, "pvc-csi-auth", stripes=1)
+    try:
+        assert volume.volume_context["dhchap"] == "true"
+        # A node-stage secret with the wrong key: the target kernel refuses the connection.
+        with pytest.raises(grpc.RpcError) as refused:
+            Attached(driver, volume, GPU0.name, Mode.SINGLE_NODE_WRITER, {"dhchapKey": wrong})
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert any(m in refused.value.details() for m in WRONG_KEY_REFUSALS), logs(lab)
+        assert wrong not in refused.value.details() and wrong not in node_log(lab, GPU0.name)
+        # The node's own key, from its Secret: attached, and the volume takes writes.
+        attached = Attached(driver, volume, GPU0.name, Mode.SINGLE_NODE_WRITER)
+        sh(lab, GPU0.name, f"echo keyed > {attached.target}/proof && sync")
+        assert key not in node_log(lab, GPU0.name)
+        attached.detach()
+    except grpc.RpcError as err:
+        raise AssertionError(f"{err.code()}: {err.details()}\n{logs(lab)}") from None
+    finally:
+        driver.controller.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id, node_id=gpu),
+            timeout=600,
+        )
+        driver.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id), timeout=600
+        )
+        kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": False}}})
+        kube.delete("v1", "Secret", "dhchap-csi-gpu-0", NAMESPACE)
+    scenario.done(
+        "DH-HMAC-CHAP through CSI: a wrong node-stage key refused by the target, "
+        "the node's key from its Secret attached and wrote"
+    )
