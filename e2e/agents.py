@@ -80,6 +80,14 @@ def run_agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
                      "metadata": {"name": node_name(spec.name), "labels": {"pool": POOL}},
                      "spec": {"pool": POOL}})  # fmt: skip
         start_agent(lab, spec)
+    # Every scenario starts with both nodes serving (the first pass makes the thin pools).
+    for spec in NODES:
+        name = node_name(spec.name)
+        ready = processes.wait_until(
+            lambda n=name: node_status(crds, n).get("phase") == "Ready",
+            300,  # type: ignore[misc]
+        )
+        assert ready, f"{name}: {node_status(crds, name)}\n{agent_log(lab, spec.name)}"
     try:
         yield crds
     finally:

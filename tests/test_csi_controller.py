@@ -92,7 +92,7 @@ def stub(controller: Controller, tmp_path_factory: pytest.TempPathFactory) -> It
         f"unix://{socket}",
         [
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
-            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(Identity(True), s),
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(Identity(), s),
         ],
     )
     channel = grpc.insecure_channel(f"unix://{socket}")
@@ -184,7 +184,8 @@ OTHER_BAD = [
     ("CreateSnapshot", csi_pb2.CreateSnapshotRequest(name="s", source_volume_id="fm-0"),
      Code.NOT_FOUND, "volume fm-0 does not exist"),
     ("DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(), Code.INVALID_ARGUMENT, "snapshot_id"),
-    ("GetCapacity", csi_pb2.GetCapacityRequest(), Code.INVALID_ARGUMENT, "pool is missing"),
+    ("GetCapacity", csi_pb2.GetCapacityRequest(parameters={"pool": "none"}),
+     Code.INVALID_ARGUMENT, "names no StoragePool"),
 ]  # fmt: skip
 
 
@@ -282,6 +283,13 @@ def test_list_volumes_pages_through_everything(stub: Any, pool: Kube) -> None:
         if not token:
             break
     assert sorted(seen) == names and len(seen) == len(set(seen))
+
+
+def test_capacity_per_pool_and_in_all(stub: Any) -> None:
+    pool = stub[0].GetCapacity(csi_pb2.GetCapacityRequest(parameters={"pool": POOL}))
+    everything = stub[0].GetCapacity(csi_pb2.GetCapacityRequest())
+    assert 0 < pool.available_capacity <= everything.available_capacity
+    assert pool.maximum_volume_size.value <= pool.available_capacity
 
 
 def test_identity_and_capabilities(stub: Any) -> None:

@@ -54,7 +54,13 @@ def place(nodes: list[NodeSpace], segments: int, segment_size: int) -> list[str]
         )
     ready = [n for n in nodes if n.ready and n.free >= segment_size]
     if len(ready) < segments:
-        fits = ", ".join(f"{n.name} {format_bytes(n.free)} free" for n in nodes) or "none"
+        fits = (
+            ", ".join(
+                f"{n.name} {format_bytes(n.free)} free{'' if n.ready else ' (not ready)'}"
+                for n in nodes
+            )
+            or "none"
+        )
         raise PlacementError(
             "now",
             f"{segments} segment(s) of {format_bytes(segment_size)} need {segments} ready "

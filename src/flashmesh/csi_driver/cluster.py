@@ -40,6 +40,9 @@ class Cluster:
             )
         return StoragePool.from_dict(data)
 
+    def pools(self) -> list[str]:
+        return sorted(p["metadata"]["name"] for p in self.kube.list(API, "StoragePool"))
+
     def volume(self, vid: str) -> Volume | None:
         data = self.kube.get(API, "Volume", vid)
         return Volume.from_dict(data) if data else None

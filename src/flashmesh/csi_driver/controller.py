@@ -410,12 +410,15 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         topology = request.accessible_topology.segments
         if TOPOLOGY_KEY in topology and topology[TOPOLOGY_KEY] != self.fabric:
             return csi_pb2.GetCapacityResponse(available_capacity=0)
-        if "pool" not in request.parameters:
-            raise invalid("parameters: pool is missing: capacity is per StoragePool")
-        pool = self.cluster.pool(request.parameters["pool"])
-        chosen = params.parse(dict(request.parameters), pool.spec.layout)
-        space = [n for n in self.cluster.space(pool.metadata.name) if n.ready]
-        count = chosen.layout.stripe_width * chosen.layout.replicas
+        if "pool" in request.parameters:
+            pool = self.cluster.pool(request.parameters["pool"])
+            chosen = params.parse(dict(request.parameters), pool.spec.layout)
+            space = [n for n in self.cluster.space(pool.metadata.name) if n.ready]
+            count = chosen.layout.stripe_width * chosen.layout.replicas
+        else:  # no class named: what every pool could give one single-segment volume
+            space = [n for name in self.cluster.pools() for n in self.cluster.space(name)
+                     if n.ready]  # fmt: skip
+            count = 1
         frees = sorted((n.free for n in space), reverse=True)
         largest = frees[count - 1] * count if len(frees) >= count else 0
         response = csi_pb2.GetCapacityResponse(available_capacity=sum(n.free for n in space))

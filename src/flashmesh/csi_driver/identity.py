@@ -13,8 +13,8 @@ Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 
 class Identity(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, controller: bool) -> None:
-        self.controller = controller
+    """The same answers in every mode: capabilities describe the plugin as a whole (a node
+    plugin's callers, csi-sanity among them, learn from it that ControllerPublish exists)."""
 
     def GetPluginInfo(self, request: Any, context: Any) -> csi_pb2.GetPluginInfoResponse:
         return csi_pb2.GetPluginInfoResponse(name=CSI_DRIVER, vendor_version=__version__)
@@ -27,9 +27,8 @@ class Identity(csi_pb2_grpc.IdentityServicer):
             csi_pb2.PluginCapability(
                 service=Service(type=Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
             ),
+            csi_pb2.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)),
         ]
-        if self.controller:
-            caps.append(csi_pb2.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request: Any, context: Any) -> csi_pb2.ProbeResponse:

@@ -26,7 +26,7 @@ def run(
 ) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     register: list[Callable[[grpc.Server], None]] = []
-    identity = Identity(controller=mode in ("controller", "all"))
+    identity = Identity()
     register.append(lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s))
     if mode in ("controller", "all"):
         from flashmesh.csi_driver.cluster import Cluster

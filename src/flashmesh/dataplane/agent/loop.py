@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 API = resources.API_VERSION
 NVME_PORT = 4420
 LEASE_SECONDS = 40
+HEARTBEAT_EVERY = 5.0
 
 
 @dataclass
@@ -54,7 +56,13 @@ class Agent:
 
     # --- the loop ---------------------------------------------------------------------
 
-    def run_forever(self, interval: float = 2.0) -> None:
+    def run_forever(self, interval: float = 2.0, heartbeat: Kube | None = None) -> None:
+        """Passes every `interval` seconds; the Lease is renewed every HEARTBEAT_EVERY
+        seconds on its own thread (with its own client), however long a pass takes."""
+        if heartbeat is not None:
+            threading.Thread(
+                target=self._heartbeats, args=(heartbeat,), name="heartbeat", daemon=True
+            ).start()
         while True:
             try:
                 self.reconcile()
@@ -111,9 +119,14 @@ class Agent:
             )
         return found
 
-    def _heartbeat(self) -> None:
+    def _heartbeats(self, kube: Kube) -> None:
+        while True:
+            self._heartbeat(kube)
+            time.sleep(HEARTBEAT_EVERY)
+
+    def _heartbeat(self, kube: Kube | None = None) -> None:
         try:
-            self.kube.renew_lease(
+            (kube or self.kube).renew_lease(
                 self.namespace, naming.node_lease(self.node), self.node, LEASE_SECONDS
             )
         except KubeError as exc:  # the node still serves; its heartbeat goes stale
@@ -220,7 +233,7 @@ def main(
         agent.reconcile()
         return 0
     try:
-        agent.run_forever(interval)
+        agent.run_forever(interval, heartbeat=Kube.from_kubeconfig(kubeconfig))
     except KeyboardInterrupt:
         pass
     except CommandError as exc:
