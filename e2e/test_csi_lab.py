@@ -14,10 +14,11 @@ import grpc
 import pytest
 from agents import API, NAMESPACE, POOL, agent_log
 from csi import controller, controller_log, controller_stub, node_log, node_stub, start_node_plugin
-from helpers import GPU0, GPU1, WRONG_KEY_REFUSALS, Scenario, sh
+from helpers import GPU0, GPU1, STORAGE1, WRONG_KEY_REFUSALS, Scenario, sh
 
 from flashmesh.csi_driver._proto import csi_pb2
 from flashmesh.dataplane.host_keys import HOST_NQN_ANNOTATION, KEY_LABEL
+from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.vm import Lab, host_nqn
 
@@ -156,6 +157,22 @@ def test_written_once_then_read_only_on_two_gpus_at_once(
             assert options.split(",")[0] == "ro", options
             refused = lab.exec(reader.vm, f"touch {reader.target}/x", check=False)
             assert refused.rc != 0 and "Read-only file system" in refused.output
+        # A path down turns the volume's condition abnormal; back up, normal again.
+        node, vid = driver.nodes[GPU1.name], volume.volume_id
+
+        def abnormal() -> bool:
+            stats = node.NodeGetVolumeStats(
+                csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=readers[1].target),
+                timeout=60,
+            )
+            return bool(stats.volume_condition.abnormal)
+
+        lab.cut_link(STORAGE1.name)
+        try:
+            assert processes.wait_until(abnormal, 90, interval=1.0), "condition stayed normal"
+        finally:
+            lab.restore_link(STORAGE1.name)
+        assert processes.wait_until(lambda: not abnormal(), 120, interval=1.0)
         for reader in readers:
             reader.detach()
     except grpc.RpcError as err:
@@ -166,7 +183,8 @@ def test_written_once_then_read_only_on_two_gpus_at_once(
         )
     scenario.done(
         "striped volume written on gpu-0, then read-only on gpu-0 and gpu-1 at once: "
-        "same sha256 on both, writes refused"
+        "same sha256 on both, writes refused; a cut link turned its condition abnormal, "
+        "normal again once restored"
     )
 
 
