@@ -20,7 +20,9 @@ def _not_built(what: str) -> Callable[[argparse.Namespace], int]:
 def _agent(args: argparse.Namespace) -> int:
     from flashmesh.dataplane import agent
 
-    return agent.main(args.node, args.address, args.kubeconfig, args.interval, args.once)
+    return agent.main(
+        args.node, args.address, args.kubeconfig, args.interval, args.once, args.namespace
+    )
 
 
 def _csi(args: argparse.Namespace) -> int:
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--kubeconfig", help="default: the pod's service account")
     agent.add_argument("--interval", type=float, default=2.0, help="seconds between passes")
     agent.add_argument("--once", action="store_true", help="one pass, then exit")
+    agent.add_argument(
+        "--namespace", default="flashmesh-system", help="where its Lease and the key Secrets live"
+    )
     agent.set_defaults(func=_agent)
 
     csi = sub.add_parser("csi", help="run the CSI driver (controller and/or node service)")
