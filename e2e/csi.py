@@ -91,7 +91,7 @@ def start_node_plugin(lab: Lab, cluster: LocalCluster, vm: str) -> None:
         f">> /lab/csi-node-{vm}.log 2>&1",
     )
     assert processes.wait_until(
-        lambda: lab.exec(vm, f"test -S {NODE_SOCKET}", check=False).rc == 0, 120
+        lambda: lab.exec(vm, f"test -S {NODE_SOCKET}", check=False).rc == 0, 300
     ), node_log(lab, vm)
     kube = cluster.kube
     body = {

@@ -17,6 +17,8 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 # The CSI driver's name: CSINode entries under it carry each node's host NQN as node id.
 CSI_DRIVER = f"csi.{GROUP}"
+# The topology key of the NVMe-oF fabric a node reaches (NodeGetInfo, volumes' topology).
+TOPOLOGY_KEY = f"topology.{GROUP}/fabric"
 
 
 # --- shared shapes ----------------------------------------------------------------------

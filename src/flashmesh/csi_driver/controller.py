@@ -30,7 +30,7 @@ from flashmesh.csi_driver.locks import VolumeLocks
 
 log = logging.getLogger(__name__)
 RPC = csi_pb2.ControllerServiceCapability.RPC
-TOPOLOGY_KEY = "topology.flashmesh.dev/fabric"
+TOPOLOGY_KEY = resources.TOPOLOGY_KEY
 MANAGER = "flashmesh-csi-controller"
 
 

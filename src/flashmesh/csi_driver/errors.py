@@ -5,12 +5,13 @@ carries its own code (the servicer decided it from the spec's table for that cal
 
 from __future__ import annotations
 
+import sys
+
 import grpc
 
 from flashmesh.core.capacity import CapacityError
 from flashmesh.core.params import ParameterError
 from flashmesh.core.placement import PlacementError
-from flashmesh.kube import KubeError
 
 
 class CsiError(Exception):
@@ -46,7 +47,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             else (grpc.StatusCode.RESOURCE_EXHAUSTED)
         )
         return code, str(exc)
-    if isinstance(exc, KubeError):
+    # flashmesh.kube (and the large kubernetes client) is imported only by the components
+    # that talk to the API: a node plugin starts without it, and cannot raise its errors.
+    kube = sys.modules.get("flashmesh.kube")
+    if kube is not None and isinstance(exc, kube.KubeError):
         # A conflict is another writer's change: the CO retries. The API server being
         # unreachable or refusing is not the caller's fault either.
         if exc.status == 409:

@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 
 from flashmesh.core import params
+from flashmesh.core.resources import TOPOLOGY_KEY
 from flashmesh.csi_driver import capabilities
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
-from flashmesh.csi_driver.controller import TOPOLOGY_KEY
 from flashmesh.csi_driver.errors import CsiError, invalid, not_found
 from flashmesh.csi_driver.locks import VolumeLocks
 from flashmesh.dataplane import assembly, filesystem, identity, process, rdma
@@ -58,6 +58,24 @@ def parse_segments(raw: str) -> list[dict[str, Any]]:
     return segments
 
 
+class KeySecrets:
+    """This node's DH-HMAC-CHAP keys from their Secrets, read at each stage that needs one.
+    The Kubernetes client is imported on first use: most nodes never need it, and the
+    plugin starts faster without it."""
+
+    def __init__(self, namespace: str, kubeconfig: str | None) -> None:
+        self.namespace, self.kubeconfig = namespace, kubeconfig
+        self._kube: Any = None
+
+    def __call__(self) -> dict[str, str]:
+        from flashmesh.dataplane.host_keys import host_keys
+        from flashmesh.kube import Kube
+
+        if self._kube is None:
+            self._kube = Kube.from_kubeconfig(self.kubeconfig)
+        return host_keys(self._kube, self.namespace)
+
+
 @dataclass
 class Staged:
     """What NodeStage did for one volume."""
@@ -86,11 +104,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         smbios = identity.SMBIOS_UUID.read_text().strip().lower()
         keys = None
         if kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
-            from flashmesh.dataplane.host_keys import host_keys
-            from flashmesh.kube import Kube
-
-            kube = Kube.from_kubeconfig(kubeconfig)
-            keys = lambda: host_keys(kube, namespace)  # noqa: E731 - read at each stage
+            keys = KeySecrets(namespace, kubeconfig)
         state = Path(os.environ.get("FLASHMESH_NODE_STATE", "/var/lib/flashmesh/node"))
         return cls(identity.host_nqn(), smbios, fabric, state, key_source=keys)
 
