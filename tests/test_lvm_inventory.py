@@ -63,7 +63,24 @@ def test_existing_volumes_are_left_as_they_are() -> None:
     tool.ensure_thin_pool(VG)
     tool.ensure_volume(VG, "fm-000000000001-s0r0", 64 << 20)
     tool.ensure_snapshot(VG, "fm-000000000001-s0r0", "fs-000000000009-s0r0")
+    assert rec.changes() == []  # all there and active: nothing to do
+
+
+def test_inactive_volumes_are_activated_after_a_reboot() -> None:
+    tool, rec = lvm_with_state()
+    rec.answers["lvs"] = rec.answers["lvs"].replace('"Vwi-a-tz--"', '"Vwi---tz--"')
+    tool.ensure_volume_group(VG, ["/dev/nvme1n1"])
     assert rec.changes() == [f"vgchange --activate y {VG}"]
+
+
+def test_reports_are_read_once_until_something_changes() -> None:
+    tool, rec = lvm_with_state()
+    for _ in range(3):
+        tool.logical_volume(VG, "fm-000000000001-s0r0")
+    assert [a[0] for a in rec.argv] == ["vgs", "lvs"]
+    tool.remove_volume(VG, "fm-000000000001-s0r0")
+    tool.logical_volumes(VG)
+    assert [a[0] for a in rec.argv] == ["vgs", "lvs", "lvremove", "vgs", "lvs"]
 
 
 def test_a_volume_grows_but_never_shrinks() -> None:
@@ -94,7 +111,6 @@ def test_a_new_volume_group_gets_its_drives_and_a_zeroing_thin_pool() -> None:
         tool.ensure_thin_pool("flashmesh-slow")
     assert rec.changes() == [
         "vgcreate --yes flashmesh-slow /dev/nvme0n1 /dev/nvme2n1",
-        "vgchange --activate y flashmesh-slow",
         "lvcreate --yes --type thin-pool --zero y --extents 95%FREE --name thin flashmesh-slow",
     ]
 

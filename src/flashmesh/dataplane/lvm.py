@@ -106,18 +106,29 @@ def logical_volumes(text: str) -> list[LogicalVolume]:
 
 
 class Lvm:
-    """lvm2 commands over an injected runner."""
+    """lvm2 commands over an injected runner.
+
+    Reports are kept until this object changes something: an agent makes one Lvm per pass,
+    so a pass scans the devices once (each lvm2 command scans them, slowly) instead of once
+    per segment, and still sees its own changes."""
 
     def __init__(self, runner: Runner = process.run) -> None:
         self.runner = runner
+        self._reports: dict[tuple[str, ...], str] = {}
 
     def _run(self, *argv: str) -> str:
+        if argv[0] in _READS and argv in self._reports:
+            return self._reports[argv]
         if argv[0] not in _READS:
             faults.before_change(" ".join(argv))
+            self._reports.clear()
         try:
-            return process.check(self.runner, argv).stdout
+            out = process.check(self.runner, argv).stdout
         except CommandError as exc:
             raise LvmError(str(exc)) from exc
+        if argv[0] in _READS:
+            self._reports[argv] = out
+        return out
 
     # --- reading ---------------------------------------------------------------------
 
@@ -151,7 +162,9 @@ class Lvm:
             self._run("vgcreate", "--yes", vg, *new)
         elif new:
             self._run("vgextend", "--yes", vg, *new)
-        self._run("vgchange", "--activate", "y", vg)
+        # After a reboot its volumes are inactive: activate them (once, not every pass).
+        if not all(lv.active for lv in self.logical_volumes(vg) if not lv.name.startswith("[")):
+            self._run("vgchange", "--activate", "y", vg)
 
     def ensure_thin_pool(self, vg: str) -> LogicalVolume:
         if self.logical_volume(vg, THIN_POOL) is None:

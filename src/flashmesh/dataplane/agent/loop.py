@@ -30,6 +30,7 @@ API = resources.API_VERSION
 NVME_PORT = 4420
 LEASE_SECONDS = 40
 HEARTBEAT_EVERY = 5.0
+INVENTORY_EVERY = 30.0
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Agent:
     identity_source: Path = identity.SMBIOS_UUID
     _said: dict[str, str] = field(default_factory=dict)
     _last_status: Written | None = None
+    _devices: tuple[float, str, list[BlockDevice]] | None = None
 
     @property
     def finalizer(self) -> str:
@@ -75,7 +77,7 @@ class Agent:
         self._heartbeat()
         node = StorageNode.from_dict(node_obj)
         pool = self._pool(node.spec.pool)
-        devices = inventory(self.runner)
+        devices = self._inventory(pool)
         ports = rdma.discover()
         endpoints = self._endpoints(ports, pool)
         # nvmet and a target driver per transport served (no-ops once loaded).
@@ -131,6 +133,20 @@ class Agent:
             )
         except KubeError as exc:  # the node still serves; its heartbeat goes stale
             log.warning("lease %s/%s not renewed: %s", self.namespace, self.node, exc)
+
+    def _inventory(self, pool: StoragePool | None) -> list[BlockDevice]:
+        """The node's drives, probed again every INVENTORY_EVERY seconds once the pool's
+        volume group is made (drives come and go rarely; each probe runs a command per
+        drive), and on every pass until then."""
+        name = pool.metadata.name if pool else ""
+        if self._devices is not None:
+            at, for_pool, devices = self._devices
+            made = any(d.volume_group == naming.pool_volume_group(name) for d in devices)
+            if for_pool == name and made and time.monotonic() - at < INVENTORY_EVERY:
+                return devices
+        devices = inventory(self.runner)
+        self._devices = (time.monotonic(), name, devices)
+        return devices
 
     def _pool(self, name: str | None) -> StoragePool | None:
         data = self.kube.get(API, "StoragePool", name) if name else None

@@ -1,0 +1,586 @@
+"""The Helm chart charts/flashmesh: linted and rendered by helm; installed into the real
+kube-apiserver with every object accepted and every pod admitted; each component's service
+account holding exactly the permissions its least-privilege table says; uninstalled without
+a trace (the CRDs stay)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flashmesh.lab import processes
+from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.crds import CRDS
+from flashmesh.lab.helm import CHART, Helm
+from flashmesh.lab.sidecars import csi_driver_object
+
+pytestmark = pytest.mark.cluster
+
+RELEASE = "flashmesh"
+NS = "flashmesh-system"
+INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
+COMPONENTS = ("operator", "csi-controller", "csi-node", "agent")
+PRIVILEGED = {"csi-node": "flashmesh", "agent": "agent"}  # component -> its main container
+SIDECARS = "registry.k8s.io/sig-storage"
+CRD_NAMES = {
+    f"{plural}.flashmesh.dev"
+    for plural in ("storagepools", "storagenodes", "volumes", "snapshots", "trainingworkloads")
+}
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return Helm(tmp_path_factory.mktemp("helm-home"))
+
+
+@pytest.fixture(scope="module")
+def rendered(helm: Helm) -> list[dict[str, Any]]:
+    return helm.template(RELEASE, NS)
+
+
+def kinds(objs: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(o["kind"] for o in objs)
+
+
+def workload(objs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    [found] = [
+        o
+        for o in objs
+        if o["kind"] in ("Deployment", "DaemonSet")
+        and o["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    return found
+
+
+def pod_spec(objs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    spec: dict[str, Any] = workload(objs, component)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    [found] = [c for c in spec["containers"] if c["name"] == name]
+    return found
+
+
+DEFAULT_KINDS = {
+    "ServiceAccount": 4,
+    "ClusterRole": 3,  # the node plugin has no cluster-wide rule
+    "ClusterRoleBinding": 3,
+    "Role": 4,
+    "RoleBinding": 4,
+    "Deployment": 2,  # operator, CSI controller
+    "DaemonSet": 2,  # node plugin, agent
+    "CSIDriver": 1,
+}
+
+
+def test_chart_crds_are_the_repository_crds() -> None:
+    """Helm installs crds/ of the chart: byte for byte the CRDs the rest of the project tests."""
+    ours = {p.name: p.read_bytes() for p in sorted(CRDS.glob("*.yaml"))}
+    chart = {p.name: p.read_bytes() for p in sorted((CHART / "crds").glob("*.yaml"))}
+    assert len(ours) == 5
+    assert chart.keys() == ours.keys()
+    drifted = [name for name in ours if chart[name] != ours[name]]
+    assert not drifted, f"charts/flashmesh/crds differs from crds/ in {drifted}: copy them again"
+
+
+def test_lint_and_render(helm: Helm, rendered: list[dict[str, Any]]) -> None:
+    for args in ([], ["--strict"], ["--strict", "--set", "metrics.serviceMonitor.enabled=true"]):
+        out = helm.run("lint", str(CHART), *args)
+        assert "0 chart(s) failed" in out.stdout, out.stdout
+
+    assert kinds(rendered) == DEFAULT_KINDS
+    with_crds = helm.template(RELEASE, NS, "--include-crds")
+    assert kinds(with_crds) == {**DEFAULT_KINDS, "CustomResourceDefinition": 5}
+    crds = [o for o in with_crds if o["kind"] == "CustomResourceDefinition"]
+    assert {c["metadata"]["name"] for c in crds} == CRD_NAMES
+
+    monitored = helm.template(RELEASE, NS, "--set", "metrics.serviceMonitor.enabled=true")
+    assert kinds(monitored) == {**DEFAULT_KINDS, "Service": 4, "ServiceMonitor": 1}
+    [monitor] = [o for o in monitored if o["kind"] == "ServiceMonitor"]
+    services = [o for o in monitored if o["kind"] == "Service"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for service in services:  # the monitor selects every metrics Service, by port name
+        assert selector.items() <= service["metadata"]["labels"].items()
+        assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    for component in COMPONENTS:  # ... which every component's main container declares
+        spec = pod_spec(monitored, component)
+        main = spec["containers"][0]
+        assert "metrics" in [p["name"] for p in main["ports"]]
+
+    # Only the CSIDriver object is cluster-wide and shared; every other object is the
+    # release's: in its namespace, or named after it.
+    elsewhere = helm.template("fm", "storage")
+    for obj in elsewhere:
+        meta = obj["metadata"]
+        if obj["kind"] == "CSIDriver":
+            assert meta["name"] == "csi.flashmesh.dev"
+            continue
+        assert meta["name"].startswith("fm-flashmesh-"), meta["name"]
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert meta["namespace"] == "storage"
+        for subject in obj.get("subjects", []):
+            assert subject["namespace"] == "storage"
+    assert NS not in yaml.safe_dump_all(elsewhere)
+
+
+def test_security_contexts(rendered: list[dict[str, Any]]) -> None:
+    for component in COMPONENTS:
+        spec = pod_spec(rendered, component)
+        mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", [])]
+        propagated = [m for m in mounts if m.get("mountPropagation") == "Bidirectional"]
+        bidirectional = [m["mountPath"] for m in propagated]
+        if component in PRIVILEGED:
+            assert spec["hostNetwork"] is True
+            for c in spec["containers"]:
+                sc = c["securityContext"]
+                if c["name"] == PRIVILEGED[component]:
+                    assert sc == {
+                        "privileged": True,
+                        "runAsUser": 0,
+                        "runAsNonRoot": False,
+                        "allowPrivilegeEscalation": True,
+                    }, (component, c["name"])
+                else:  # sidecars: root for the sockets, nothing more
+                    assert sc["privileged"] is False, (component, c["name"])
+                    assert sc["allowPrivilegeEscalation"] is False
+                    assert sc["readOnlyRootFilesystem"] is True
+                    assert sc["capabilities"] == {"drop": ["ALL"]}
+            expected = ["/var/lib/kubelet"] if component == "csi-node" else []
+            assert bidirectional == expected
+        else:
+            pod_sc = spec["securityContext"]
+            assert pod_sc["runAsNonRoot"] is True
+            assert pod_sc["runAsUser"] != 0
+            assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+            for key in ("hostNetwork", "hostPID", "hostIPC"):
+                assert not spec.get(key), (component, key)
+            assert not [v for v in spec["volumes"] if "hostPath" in v], component
+            assert not bidirectional
+            for c in spec["containers"]:
+                sc = c["securityContext"]
+                assert sc == {
+                    "runAsNonRoot": True,
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                }, (component, c["name"])
+
+
+def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) -> None:
+    image = "flashmesh:0.1.0"  # the chart's appVersion when image.tag is empty
+    operator = container(pod_spec(rendered, "operator"), "operator")
+    assert operator["image"] == image
+    assert operator["args"] == ["operator", "--standalone", f"--namespace={NS}"]
+    assert workload(rendered, "operator")["spec"]["strategy"] == {"type": "Recreate"}
+    assert workload(rendered, "operator")["spec"]["replicas"] == 1
+
+    controller = pod_spec(rendered, "csi-controller")
+    assert container(controller, "flashmesh")["args"] == [
+        "csi", "--mode=controller", "--endpoint=unix:///csi/csi.sock",
+        f"--namespace={NS}", "--fabric=default", "--wait=120",
+    ]  # fmt: skip
+    common = ["--csi-address=/csi/csi.sock", "--timeout=300s"]
+    election = ["--leader-election", f"--leader-election-namespace={NS}"]
+    assert {c["name"]: (c["image"], c["args"]) for c in controller["containers"][1:]} == {
+        "csi-provisioner": (
+            f"{SIDECARS}/csi-provisioner:v6.3.0",
+            [*common, "--extra-create-metadata", "--feature-gates=Topology=true", *election],
+        ),
+        "csi-attacher": (f"{SIDECARS}/csi-attacher:v4.12.0", [*common, *election]),
+        "csi-resizer": (f"{SIDECARS}/csi-resizer:v2.2.0", [*common, *election]),
+        "csi-snapshotter": (f"{SIDECARS}/csi-snapshotter:v8.6.0", [*common, *election]),
+        "liveness-probe": (
+            f"{SIDECARS}/livenessprobe:v2.19.0",
+            ["--csi-address=/csi/csi.sock", "--health-port=9808"],
+        ),
+    }
+
+    node = pod_spec(rendered, "csi-node")
+    plugin = container(node, "flashmesh")
+    assert plugin["args"] == [
+        "csi", "--mode=node", "--endpoint=unix:///csi/csi.sock",
+        f"--namespace={NS}", "--fabric=default",
+    ]  # fmt: skip
+    env = {e["name"]: e for e in plugin["env"]}
+    assert env["FLASHMESH_NODE_STATE"]["value"] == "/var/lib/flashmesh/node"
+    registrar = container(node, "node-driver-registrar")
+    assert registrar["image"] == f"{SIDECARS}/csi-node-driver-registrar:v2.17.0"
+    assert registrar["args"] == [
+        "--csi-address=/csi/csi.sock",
+        "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.flashmesh.dev/csi.sock",
+    ]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in node["volumes"]}
+    assert host_paths["registration-dir"] == "/var/lib/kubelet/plugins_registry"
+    assert host_paths["plugin-dir"] == "/var/lib/kubelet/plugins/csi.flashmesh.dev"
+    assert node["nodeSelector"] == {"flashmesh.dev/gpu": "true"}
+
+    agent = pod_spec(rendered, "agent")
+    main = container(agent, "agent")
+    assert main["args"] == [
+        "agent", "--node=$(NODE_NAME)", "--address=$(FABRIC_ADDRESS)",
+        f"--namespace={NS}", "--interval=2",
+    ]  # fmt: skip
+    env = {e["name"]: e for e in main["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["FABRIC_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert agent["nodeSelector"] == {"flashmesh.dev/storage": "true"}
+    fixed = pod_spec(
+        helm.template(RELEASE, NS, "--set", "agent.fabricAddress.value=10.77.0.5"), "agent"
+    )
+    env = {e["name"]: e for e in container(fixed, "agent")["env"]}
+    assert env["FABRIC_ADDRESS"] == {"name": "FABRIC_ADDRESS", "value": "10.77.0.5"}
+
+    # The same CSIDriver the lab registers for the sidecars it runs.
+    [driver] = [o for o in rendered if o["kind"] == "CSIDriver"]
+    assert driver["metadata"]["name"] == "csi.flashmesh.dev"
+    assert driver["spec"] == csi_driver_object()["spec"]
+
+    # Without snapshot support: no csi-snapshotter, and none of its rules.
+    bare = helm.template(RELEASE, NS, "--set", "csiController.snapshotter.enabled=false")
+    names = [c["name"] for c in pod_spec(bare, "csi-controller")["containers"]]
+    assert "csi-snapshotter" not in names and "csi-provisioner" in names
+    roles = [o for o in bare if o["kind"] == "ClusterRole"]
+    [role] = [o for o in roles if o["metadata"]["name"] == f"{RELEASE}-csi-controller"]
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert "volumesnapshotcontents/status" not in resources
+    assert "volumesnapshotclasses" not in resources
+
+
+_KEY = re.compile(r"^(\s*)([A-Za-z][\w.-]*):")
+
+
+def test_every_value_is_documented() -> None:
+    """Each key of values.yaml has a comment line right above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for number, line in enumerate(lines):
+        if not _KEY.match(line):
+            continue
+        above = lines[number - 1].strip() if number else ""
+        if not above.startswith("#"):
+            undocumented.append(f"values.yaml:{number + 1}: {line.strip()}")
+    assert not undocumented, "\n".join(undocumented)
+
+
+# --- installed into the real API server -----------------------------------------------------
+
+
+@dataclass
+class Release:
+    cluster: LocalCluster
+    helm: Helm
+    workdir: Path
+    installed: bool = True
+    objects: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _set_aside_foreign_csidriver(cluster: LocalCluster) -> dict[str, Any] | None:
+    """A CSIDriver csi.flashmesh.dev another test made (the lab's sidecars register one)
+    would make helm refuse to install: set it aside, to be put back after."""
+    found = cluster.kube.get("storage.k8s.io/v1", "CSIDriver", "csi.flashmesh.dev")
+    if found is None:
+        return None
+    annotations = found["metadata"].get("annotations") or {}
+    if annotations.get("meta.helm.sh/release-name") == RELEASE:
+        return None
+    cluster.kube.delete("storage.k8s.io/v1", "CSIDriver", "csi.flashmesh.dev")
+    return {k: found[k] for k in ("apiVersion", "kind", "spec")} | {
+        "metadata": {"name": "csi.flashmesh.dev", "labels": found["metadata"].get("labels", {})}
+    }
+
+
+@pytest.fixture(scope="module")
+def release(crds: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    workdir = tmp_path_factory.mktemp("helm-release")
+    helm = Helm(workdir / "home", crds.kubeconfig)
+    foreign = _set_aside_foreign_csidriver(crds)
+    helm.run(
+        "install", RELEASE, str(CHART), "--namespace", NS, "--create-namespace",
+        "--skip-crds", "--timeout", "2m",
+    )  # fmt: skip
+    rel = Release(crds, helm, workdir)
+    rel.objects = helm.manifest(RELEASE, NS)
+    try:
+        yield rel
+    finally:
+        if rel.installed:
+            helm.run("uninstall", RELEASE, "--namespace", NS, "--wait", check=False)
+        if foreign is not None:
+            crds.kube.create(foreign)
+
+
+def resource_of(obj: dict[str, Any]) -> str:
+    """kubectl's name for an object's type: kind.group (kind alone for the core group)."""
+    group = obj["apiVersion"].rpartition("/")[0]
+    return f"{obj['kind'].lower()}.{group}" if group else obj["kind"].lower()
+
+
+def test_install_is_accepted(release: Release, rendered: list[dict[str, Any]]) -> None:
+    cluster, helm = release.cluster, release.helm
+    status = json.loads(helm.run("status", RELEASE, "--namespace", NS, "-o", "json").stdout)
+    assert status["info"]["status"] == "deployed"
+    assert kinds(release.objects) == kinds(rendered) == DEFAULT_KINDS
+
+    manifest = release.workdir / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump_all(release.objects))
+    live = json.loads(cluster.kubectl("get", "-f", str(manifest), "-o", "json").stdout)["items"]
+    assert len(live) == len(release.objects)
+    by_key = {(o["kind"], o["metadata"]["name"]): o for o in live}
+    for want in release.objects:
+        got = by_key[(want["kind"], want["metadata"]["name"])]
+        meta = got["metadata"]
+        assert meta["labels"]["app.kubernetes.io/instance"] == RELEASE
+        assert meta["annotations"]["meta.helm.sh/release-namespace"] == NS
+        if "rules" in want:  # RBAC stored as written
+            assert got["rules"] == want["rules"], want["metadata"]["name"]
+        if want["kind"] in ("Deployment", "DaemonSet"):
+            spec = got["spec"]["template"]["spec"]
+            wanted = want["spec"]["template"]["spec"]
+            assert [(c["image"], c["args"]) for c in spec["containers"]] == [
+                (c["image"], c["args"]) for c in wanted["containers"]
+            ]
+            assert spec["serviceAccountName"] == wanted["serviceAccountName"]
+        if want["kind"] == "CSIDriver":
+            assert want["spec"].items() <= got["spec"].items()
+
+
+def _pod(workload_obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+    template = copy.deepcopy(workload_obj["spec"]["template"])
+    component = template["metadata"]["labels"]["app.kubernetes.io/component"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"dry-run-{component}", "namespace": namespace},
+        "spec": template["spec"],
+    }
+
+
+def _dry_run(cluster: LocalCluster, pod: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl(
+        "create", "--dry-run=server", "-f", "-", "-o", "name", stdin=json.dumps(pod), check=False
+    )
+
+
+def test_pods_are_admitted(release: Release) -> None:
+    """No pod runs here (no kubelet), but each component's pod passes the API server's
+    validation and admission (priority classes, host paths, propagation, privilege); under
+    the restricted Pod Security Standard only the two privileged ones are refused."""
+    cluster = release.cluster
+    workloads = [o for o in release.objects if o["kind"] in ("Deployment", "DaemonSet")]
+    for obj in workloads:
+        result = _dry_run(cluster, _pod(obj, NS))
+        assert result.returncode == 0, (obj["metadata"]["name"], result.stderr)
+
+    restricted = "flashmesh-pss-restricted"
+    cluster.kubectl("create", "namespace", restricted)
+    try:
+        cluster.kubectl(
+            "label", "namespace", restricted, "pod-security.kubernetes.io/enforce=restricted"
+        )
+        assert processes.wait_until(
+            lambda: cluster.kube.get("v1", "ServiceAccount", "default", restricted) is not None,
+            60,
+        )
+        refused = {}
+        for obj in workloads:
+            pod = _pod(obj, restricted)
+            pod["spec"]["serviceAccountName"] = "default"
+            result = _dry_run(cluster, pod)
+            component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+            refused[component] = result.returncode != 0
+            if refused[component]:
+                assert 'violates PodSecurity "restricted' in result.stderr, result.stderr
+        assert refused == {
+            "operator": False, "csi-controller": False, "csi-node": True, "agent": True,
+        }  # fmt: skip
+    finally:
+        cluster.kubectl("delete", "namespace", restricted, "--wait=false", check=False)
+
+
+# --- RBAC: each service account's permissions, as the API server answers them --------------
+
+GLW = {"get", "list", "watch"}
+EDIT = GLW | {"create", "update", "patch"}
+EVENTS_SIDECAR = {"list", "watch", "create", "update", "patch"}
+
+OPERATOR = {
+    "storagepools.flashmesh.dev": GLW | {"patch"},
+    "storagepools.flashmesh.dev/status": {"patch"},
+    "storagenodes.flashmesh.dev": GLW | {"patch"},
+    "trainingworkloads.flashmesh.dev": GLW | {"patch"},
+    "trainingworkloads.flashmesh.dev/status": {"patch"},
+    "volumes.flashmesh.dev": GLW,
+    "snapshots.flashmesh.dev": GLW,
+    "storageclasses.storage.k8s.io": EDIT,
+    "volumesnapshotclasses.snapshot.storage.k8s.io": EDIT,
+    "jobs.batch": EDIT,
+    "deployments.apps": EDIT,
+    "persistentvolumeclaims": EDIT,
+    "volumesnapshots.snapshot.storage.k8s.io": EDIT,
+    "events": {"create", "patch"},
+    "customresourcedefinitions.apiextensions.k8s.io": GLW,
+}
+CSI_CONTROLLER = {
+    "volumes.flashmesh.dev": EDIT | {"delete"},
+    "volumes.flashmesh.dev/status": {"get", "update", "patch"},
+    "snapshots.flashmesh.dev": EDIT | {"delete"},
+    "snapshots.flashmesh.dev/status": {"get", "update", "patch"},
+    "storagepools.flashmesh.dev": GLW,
+    "storagenodes.flashmesh.dev": GLW,
+    "csinodes.storage.k8s.io": GLW,
+    "nodes": GLW,
+    "persistentvolumes": GLW | {"create", "patch", "delete"},
+    "persistentvolumeclaims": GLW | {"update"},
+    "persistentvolumeclaims/status": {"patch"},
+    "pods": GLW,
+    "storageclasses.storage.k8s.io": GLW,
+    "events": EVENTS_SIDECAR,
+    "volumesnapshots.snapshot.storage.k8s.io": GLW | {"update"},
+    "volumesnapshotcontents.snapshot.storage.k8s.io": GLW | {"update", "patch"},
+    "volumesnapshotcontents.snapshot.storage.k8s.io/status": {"update", "patch"},
+    "volumesnapshotclasses.snapshot.storage.k8s.io": GLW,
+    "volumeattachments.storage.k8s.io": GLW | {"patch"},
+    "volumeattachments.storage.k8s.io/status": {"patch"},
+    "volumeattributesclasses.storage.k8s.io": GLW,
+}
+AGENT = {
+    "storagenodes.flashmesh.dev": {"get", "list", "create", "patch"},
+    "storagenodes.flashmesh.dev/status": {"patch", "update"},
+    "storagepools.flashmesh.dev": GLW,
+    "volumes.flashmesh.dev": GLW | {"update"},
+    "volumes.flashmesh.dev/status": {"patch"},
+    "snapshots.flashmesh.dev": GLW | {"update"},
+    "snapshots.flashmesh.dev/status": {"patch"},
+    "csinodes.storage.k8s.io": {"get", "list"},
+    "events": {"create", "patch"},
+}
+LEASES = "leases.coordination.k8s.io"
+# component -> (cluster-wide, and in the release namespace besides)
+EXPECTED: dict[str, tuple[dict[str, set[str]], dict[str, set[str]]]] = {
+    "operator": (OPERATOR, {LEASES: GLW}),
+    "csi-controller": (CSI_CONTROLLER, {LEASES: GLW | {"create", "update", "delete"}}),
+    "csi-node": ({}, {"secrets": {"get", "list"}}),
+    "agent": (AGENT, {LEASES: {"get", "create", "update", "patch"}, "secrets": {"get", "list"}}),
+}
+
+_ROW = re.compile(r"^(\S*)\s+\[([^\]]*)\]\s+\[([^\]]*)\]\s+\[([^\]]*)\]\s*$")
+
+
+def account(component: str) -> str:
+    return f"system:serviceaccount:{NS}:{RELEASE}-{component}"
+
+
+def can_i_list(cluster: LocalCluster, user: str, namespace: str) -> dict[str, set[str]]:
+    """`kubectl auth can-i --list` as a table resource -> verbs (rows of one resource merged;
+    a row limited to resourceNames keyed `resource[names]`; non-resource URLs left out)."""
+    out = cluster.kubectl("auth", "can-i", "--list", f"--as={user}", "-n", namespace).stdout
+    table: dict[str, set[str]] = {}
+    lines = out.splitlines()
+    assert lines and lines[0].split()[0] == "Resources", out
+    for line in lines[1:]:
+        match = _ROW.match(line)
+        assert match, f"unparsed row of kubectl auth can-i --list: {line!r}"
+        resource, _urls, names, verbs = match.groups()
+        if not resource:
+            continue
+        key = f"{resource}[{names}]" if names else resource
+        table.setdefault(key, set()).update(verbs.split())
+    return table
+
+
+def beyond(table: dict[str, set[str]], baseline: dict[str, set[str]]) -> dict[str, set[str]]:
+    """What table allows that every service account is allowed anyway."""
+    extra = {r: verbs - baseline.get(r, set()) for r, verbs in table.items()}
+    return {r: verbs for r, verbs in extra.items() if verbs}
+
+
+def can_i(cluster: LocalCluster, component: str, verb: str, what: str, namespace: str) -> bool:
+    result = cluster.kubectl(
+        "auth", "can-i", verb, what, f"--as={account(component)}", "-n", namespace, check=False
+    )
+    return result.stdout.strip() == "yes"
+
+
+def test_each_service_account_has_exactly_its_permissions(release: Release) -> None:
+    cluster = release.cluster
+    nobody = f"system:serviceaccount:{NS}:nobody-without-bindings"
+    base_cluster = can_i_list(cluster, nobody, "default")
+    base_ns = can_i_list(cluster, nobody, NS)
+    for component, (cluster_wide, in_namespace) in EXPECTED.items():
+        user = account(component)
+        # In another namespace only the ClusterRoles count; in the release's, Roles add to them.
+        elsewhere = can_i_list(cluster, user, "default")
+        assert beyond(elsewhere, base_cluster) == cluster_wide, component
+        here = can_i_list(cluster, user, NS)
+        merged = {
+            r: cluster_wide.get(r, set()) | in_namespace.get(r, set())
+            for r in {*cluster_wide, *in_namespace}
+        }
+        assert beyond(here, base_ns) == merged, component
+        for table in (elsewhere, here):
+            assert "*" not in table and "*.*" not in table, component
+            assert not [r for r, verbs in table.items() if "*" in verbs], component
+
+    # The questions an auditor asks, answered by the API server one by one.
+    assert not can_i(cluster, "operator", "get", "secrets", NS)
+    assert not can_i(cluster, "csi-controller", "get", "secrets", NS)
+    assert can_i(cluster, "csi-node", "list", "secrets", NS)
+    assert not can_i(cluster, "csi-node", "list", "secrets", "default")
+    assert not can_i(cluster, "csi-node", "get", "secrets", "kube-system")
+    assert not can_i(cluster, "csi-node", "get", "storagenodes.flashmesh.dev", NS)
+    assert can_i(cluster, "agent", "get", "secrets", NS)
+    assert not can_i(cluster, "agent", "get", "secrets", "kube-system")
+    assert not can_i(cluster, "agent", "delete", "storagenodes.flashmesh.dev", NS)
+    assert not can_i(cluster, "agent", "update", "leases.coordination.k8s.io", "default")
+    for component in COMPONENTS:
+        assert not can_i(cluster, component, "*", "*", NS), component
+        assert not can_i(cluster, component, "escalate", "clusterroles", NS), component
+        assert not can_i(cluster, component, "create", "pods", NS), component
+
+
+# --- uninstall (last: the release is gone after it) ----------------------------------------
+
+
+def test_uninstall_removes_everything_but_the_crds(release: Release) -> None:
+    cluster, helm = release.cluster, release.helm
+    manifest = release.workdir / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump_all(release.objects))
+    helm.run(
+        "uninstall", RELEASE, "--namespace", NS, "--wait", "--cascade", "foreground",
+        "--timeout", "2m",
+    )  # fmt: skip
+    release.installed = False
+
+    # Every type the release made, and what its workloads make in turn.
+    types = sorted({resource_of(o) for o in release.objects})
+    types += ["pod", "replicaset.apps", "controllerrevision.apps"]
+
+    def leftovers() -> str:
+        out = cluster.kubectl("get", ",".join(types), "-A", "-l", INSTANCE, "-o", "name")
+        return out.stdout.strip()
+
+    processes.wait_until(lambda: not leftovers(), 60)
+    assert leftovers() == ""
+    still = cluster.kubectl("get", "-f", str(manifest), "--ignore-not-found", "-o", "name")
+    assert still.stdout.strip() == ""
+    # helm keeps its release records as Secrets in the namespace: gone too.
+    records = cluster.kubectl("get", "secrets", "-n", NS, "-l", f"owner=helm,name={RELEASE}")
+    assert records.stdout.strip() == ""
+    assert helm.run("status", RELEASE, "--namespace", NS, check=False).returncode != 0
+    # The CRDs (and so every FlashMesh object) stay: helm never deletes CRDs.
+    crds = cluster.kubectl("get", "crd", *sorted(CRD_NAMES), "-o", "name").stdout.split()
+    assert len(crds) == 5
