@@ -1,16 +1,19 @@
 """Crash safety: the agent SIGKILLed at 20 points while it reconciles 10 volumes (making
 them, then deleting, growing and closing some), each time just before one of its changes
-to the node (FLASHMESH_CRASH_AT). Restarted, it converges: every volume exported as its
-object says, and nothing left over in configfs or LVM."""
+to the node (FLASHMESH_CRASH_AT); each pass is its own process (forked by a guest script
+that imports FlashMesh once), killed by a real SIGKILL. Restarted, the agent converges:
+every volume exported as its object says, and nothing left over in configfs or LVM."""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 from agents import (
     API,
-    agent_command,
     agent_log,
     all_ready,
     create_volume,
@@ -26,7 +29,6 @@ from agents import (
 from helpers import GPU0, MIB, STORAGE0, Scenario, sh
 
 from flashmesh.core import naming, resources
-from flashmesh.dataplane import faults
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.vm import Lab, host_nqn
@@ -34,16 +36,21 @@ from flashmesh.lab.vm import Lab, host_nqn
 pytestmark = pytest.mark.kernel
 
 VM = STORAGE0.name
+CRASH_PASSES = Path(__file__).resolve().parent / "guest" / "crash_passes.py"
 NVMET = "/sys/kernel/config/nvmet"
 # (kills, changes made before each kill) per phase: 20 kills in all.
 MAKING = (14, 6)
 CHANGING = (6, 3)
 
 
-def killed_pass(lab: Lab, after: int) -> None:
-    """One agent pass that SIGKILLs itself just before its change number `after`."""
-    done = lab.exec(VM, f"{faults.ENV}={after} {agent_command(STORAGE0, '--once ')}", check=False)
-    assert done.rc == 128 + 9, f"not killed (rc {done.rc}): {agent_log(lab, VM)}"
+def killed_passes(lab: Lab, after: int, count: int) -> None:
+    """`count` agent passes, each SIGKILLed just before its change number `after`."""
+    command = (
+        f"{sys.executable} {CRASH_PASSES} {node_name(VM)} {STORAGE0.address(0)} "
+        f"/lab/agent.kubeconfig {after} {count} 2>> /lab/agent-{VM}.log"
+    )
+    codes = json.loads(sh(lab, VM, command, timeout=1800).strip().splitlines()[-1])
+    assert codes == [-9] * count, f"not all killed ({codes}): {agent_log(lab, VM)}"
 
 
 def test_the_agent_killed_at_20_points_converges_and_leaks_nothing(
@@ -57,8 +64,7 @@ def test_the_agent_killed_at_20_points_converges_and_leaks_nothing(
     deleted, grown, closed = vids[:4], vids[4:7], vids[7:]
     try:
         kills, after = MAKING
-        for _ in range(kills):
-            killed_pass(lab, after)
+        killed_passes(lab, after, kills)
         for vid in deleted:
             kube.delete(API, "Volume", vid)
         for vid in grown:
@@ -70,8 +76,7 @@ def test_the_agent_killed_at_20_points_converges_and_leaks_nothing(
         for vid in closed:
             set_hosts(kube, vid, [])
         kills, after = CHANGING
-        for _ in range(kills):
-            killed_pass(lab, after)
+        killed_passes(lab, after, kills)
     finally:
         start_agent(lab, STORAGE0)
 
