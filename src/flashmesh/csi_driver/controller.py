@@ -25,7 +25,7 @@ from flashmesh.core.units import format_bytes, parse_bytes
 from flashmesh.csi_driver import capabilities
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.csi_driver.cluster import API, Cluster, segments_missing
-from flashmesh.csi_driver.errors import CsiError, invalid, not_found
+from flashmesh.csi_driver.errors import CsiError, invalid, not_found, require
 from flashmesh.csi_driver.locks import VolumeLocks
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     # --- volumes ------------------------------------------------------------------------
 
     def CreateVolume(self, request: Any, context: Any) -> csi_pb2.CreateVolumeResponse:
-        if not request.name:
-            raise invalid("name is missing: the CO names each volume")
+        require(request, "name")
         capabilities.check(list(request.volume_capabilities))
         chosen = params.parse(dict(request.parameters))  # names a missing or bad parameter
         pool = self.cluster.pool(chosen.pool)
@@ -248,8 +247,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
     def DeleteVolume(self, request: Any, context: Any) -> csi_pb2.DeleteVolumeResponse:
         vid = request.volume_id
-        if not vid:
-            raise invalid("volume_id is missing")
+        require(request, "volume_id")
         with self.locks.hold(vid):
             volume = self.cluster.volume(vid)
             if volume is None:
@@ -273,12 +271,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         self, request: Any, context: Any
     ) -> csi_pb2.ControllerPublishVolumeResponse:
         vid, host = request.volume_id, request.node_id
-        if not vid:
-            raise invalid("volume_id is missing")
-        if not host:
-            raise invalid("node_id is missing: it is the node's host NQN (NodeGetInfo)")
-        if not request.HasField("volume_capability"):
-            raise invalid("volume_capability is missing")
+        require(request, "volume_id", "node_id", "volume_capability")
         capabilities.check([request.volume_capability], "volume_capability")
         with self.locks.hold(vid):
             volume = self.cluster.volume(vid)
@@ -327,8 +320,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         self, request: Any, context: Any
     ) -> csi_pb2.ControllerUnpublishVolumeResponse:
         vid, host = request.volume_id, request.node_id
-        if not vid:
-            raise invalid("volume_id is missing")
+        require(request, "volume_id")
         with self.locks.hold(vid):
             volume = self.cluster.volume(vid)
             if volume is None:
@@ -355,10 +347,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     def ValidateVolumeCapabilities(
         self, request: Any, context: Any
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
-        if not request.volume_id:
-            raise invalid("volume_id is missing")
-        if not request.volume_capabilities:
-            raise invalid("volume_capabilities is missing")
+        require(request, "volume_id", "volume_capabilities")
         if self.cluster.volume(request.volume_id) is None:
             raise not_found(f"volume {request.volume_id} does not exist")
         for cap in request.volume_capabilities:
@@ -391,8 +380,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     def ControllerGetVolume(
         self, request: Any, context: Any
     ) -> csi_pb2.ControllerGetVolumeResponse:
-        if not request.volume_id:
-            raise invalid("volume_id is missing")
+        require(request, "volume_id")
         volume = self.cluster.volume(request.volume_id)
         if volume is None:
             raise not_found(f"volume {request.volume_id} does not exist")
@@ -452,10 +440,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         self, request: Any, context: Any
     ) -> csi_pb2.ControllerExpandVolumeResponse:
         vid = request.volume_id
-        if not vid:
-            raise invalid("volume_id is missing")
-        if not request.HasField("capacity_range"):
-            raise invalid("capacity_range is missing: say the size to grow to")
+        require(request, "volume_id", "capacity_range")
         if request.HasField("volume_capability"):
             capabilities.check([request.volume_capability], "volume_capability")
         with self.locks.hold(vid):
@@ -514,11 +499,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     # --- snapshots --------------------------------------------------------------------------
 
     def CreateSnapshot(self, request: Any, context: Any) -> csi_pb2.CreateSnapshotResponse:
-        if not request.name:
-            raise invalid("name is missing: the CO names each snapshot")
+        require(request, "name", "source_volume_id")
         source = request.source_volume_id
-        if not source:
-            raise invalid("source_volume_id is missing")
         sid = naming.snapshot_id(request.name)
         with self.locks.hold(sid):
             snap = self.cluster.snapshot(sid)
@@ -597,8 +579,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
     def DeleteSnapshot(self, request: Any, context: Any) -> csi_pb2.DeleteSnapshotResponse:
         sid = request.snapshot_id
-        if not sid:
-            raise invalid("snapshot_id is missing")
+        require(request, "snapshot_id")
         with self.locks.hold(sid):
             if self.cluster.snapshot(sid) is not None:
                 self.cluster.kube.delete(API, "Snapshot", sid)

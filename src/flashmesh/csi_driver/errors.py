@@ -57,3 +57,24 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.ABORTED, f"conflicting change, retry: {exc}"
         return grpc.StatusCode.UNAVAILABLE, f"Kubernetes API: {exc}"
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+# What a missing field is, for the message that names it.
+HINTS = {
+    "name": "the CO names each volume and snapshot",
+    "node_id": "it is the node's host NQN (NodeGetInfo)",
+    "capacity_range": "say the size to grow to",
+    "staging_target_path": "FlashMesh stages every volume",
+}
+
+
+def require(request: object, *fields: str) -> None:
+    """INVALID_ARGUMENT naming the first of these fields that the request leaves empty."""
+    for name in fields:
+        try:
+            present = request.HasField(name)  # type: ignore[attr-defined]
+        except ValueError:  # not a message field: a string, number or list
+            present = bool(getattr(request, name))
+        if not present:
+            hint = HINTS.get(name)
+            raise invalid(f"{name} is missing" + (f": {hint}" if hint else ""))

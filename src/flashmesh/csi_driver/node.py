@@ -21,7 +21,7 @@ from flashmesh.core import params
 from flashmesh.core.resources import TOPOLOGY_KEY
 from flashmesh.csi_driver import capabilities
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
-from flashmesh.csi_driver.errors import CsiError, invalid, not_found
+from flashmesh.csi_driver.errors import CsiError, invalid, not_found, require
 from flashmesh.csi_driver.locks import VolumeLocks
 from flashmesh.dataplane import assembly, filesystem, identity, process, rdma
 from flashmesh.dataplane.initiator import nvme, sysfs
@@ -134,12 +134,7 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def NodeStageVolume(self, request: Any, context: Any) -> csi_pb2.NodeStageVolumeResponse:
         vid, staging = request.volume_id, request.staging_target_path
-        if not vid:
-            raise invalid("volume_id is missing")
-        if not staging:
-            raise invalid("staging_target_path is missing")
-        if not request.HasField("volume_capability"):
-            raise invalid("volume_capability is missing")
+        require(request, "volume_id", "staging_target_path", "volume_capability")
         capabilities.check([request.volume_capability], "volume_capability")
         raw = request.publish_context.get("segments")
         if not raw:
@@ -271,10 +266,7 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def NodeUnstageVolume(self, request: Any, context: Any) -> csi_pb2.NodeUnstageVolumeResponse:
         vid, staging = request.volume_id, request.staging_target_path
-        if not vid:
-            raise invalid("volume_id is missing")
-        if not staging:
-            raise invalid("staging_target_path is missing")
+        require(request, "volume_id", "staging_target_path")
         with self.locks.hold(vid):
             try:
                 filesystem.unmount(self.runner, staging)
@@ -293,14 +285,7 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def NodePublishVolume(self, request: Any, context: Any) -> csi_pb2.NodePublishVolumeResponse:
         vid, target, staging = request.volume_id, request.target_path, request.staging_target_path
-        if not vid:
-            raise invalid("volume_id is missing")
-        if not target:
-            raise invalid("target_path is missing")
-        if not staging:
-            raise invalid("staging_target_path is missing: FlashMesh stages every volume")
-        if not request.HasField("volume_capability"):
-            raise invalid("volume_capability is missing")
+        require(request, "volume_id", "target_path", "staging_target_path", "volume_capability")
         capabilities.check([request.volume_capability], "volume_capability")
         with self.locks.hold(vid):
             staged = self._load(vid)
@@ -338,10 +323,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         self, request: Any, context: Any
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         vid, target = request.volume_id, request.target_path
-        if not vid:
-            raise invalid("volume_id is missing")
-        if not target:
-            raise invalid("target_path is missing")
+        require(request, "volume_id", "target_path")
         with self.locks.hold(vid):
             try:
                 filesystem.unmount(self.runner, target)
@@ -358,10 +340,7 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def NodeGetVolumeStats(self, request: Any, context: Any) -> csi_pb2.NodeGetVolumeStatsResponse:
         vid, path = request.volume_id, request.volume_path
-        if not vid:
-            raise invalid("volume_id is missing")
-        if not path:
-            raise invalid("volume_path is missing")
+        require(request, "volume_id", "volume_path")
         if not Path(path).exists():
             raise not_found(f"volume_path {path} does not exist")
         staged = self._load(vid)
@@ -402,10 +381,7 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def NodeExpandVolume(self, request: Any, context: Any) -> csi_pb2.NodeExpandVolumeResponse:
         vid, path = request.volume_id, request.volume_path
-        if not vid:
-            raise invalid("volume_id is missing")
-        if not path:
-            raise invalid("volume_path is missing")
+        require(request, "volume_id", "volume_path")
         if not Path(path).exists():
             raise not_found(f"volume_path {path} does not exist")
         with self.locks.hold(vid):
