@@ -11,6 +11,7 @@ import re
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -515,41 +516,52 @@ def can_i(cluster: LocalCluster, component: str, verb: str, what: str, namespace
     return result.stdout.strip() == "yes"
 
 
+# The questions an auditor asks, answered by the API server one by one:
+# (component, verb, resource, namespace, allowed).
+QUESTIONS = [
+    ("operator", "get", "secrets", NS, False),
+    ("csi-controller", "get", "secrets", NS, False),
+    ("csi-node", "list", "secrets", NS, True),
+    ("csi-node", "list", "secrets", "default", False),
+    ("csi-node", "get", "secrets", "kube-system", False),
+    ("csi-node", "get", "storagenodes.flashmesh.dev", NS, False),
+    ("agent", "get", "secrets", NS, True),
+    ("agent", "get", "secrets", "kube-system", False),
+    ("agent", "delete", "storagenodes.flashmesh.dev", NS, False),
+    ("agent", "update", "leases.coordination.k8s.io", "default", False),
+    *[(c, "*", "*", NS, False) for c in COMPONENTS],
+    *[(c, "escalate", "clusterroles", NS, False) for c in COMPONENTS],
+    *[(c, "create", "pods", NS, False) for c in COMPONENTS],
+]
+
+
 def test_each_service_account_has_exactly_its_permissions(release: Release) -> None:
     cluster = release.cluster
     nobody = f"system:serviceaccount:{NS}:nobody-without-bindings"
-    base_cluster = can_i_list(cluster, nobody, "default")
-    base_ns = can_i_list(cluster, nobody, NS)
+    users = {"nobody": nobody, **{c: account(c) for c in COMPONENTS}}
+    # In another namespace only the ClusterRoles count; in the release's, Roles add to them.
+    # (kubectl calls in parallel: each costs a process start.)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        lists = {
+            (who, ns): pool.submit(can_i_list, cluster, user, ns)
+            for who, user in users.items()
+            for ns in ("default", NS)
+        }
+        answers = [(q, pool.submit(can_i, cluster, *q[:4])) for q in QUESTIONS]
+        tables = {key: future.result() for key, future in lists.items()}
     for component, (cluster_wide, in_namespace) in EXPECTED.items():
-        user = account(component)
-        # In another namespace only the ClusterRoles count; in the release's, Roles add to them.
-        elsewhere = can_i_list(cluster, user, "default")
-        assert beyond(elsewhere, base_cluster) == cluster_wide, component
-        here = can_i_list(cluster, user, NS)
+        elsewhere, here = tables[component, "default"], tables[component, NS]
+        assert beyond(elsewhere, tables["nobody", "default"]) == cluster_wide, component
         merged = {
             r: cluster_wide.get(r, set()) | in_namespace.get(r, set())
             for r in {*cluster_wide, *in_namespace}
         }
-        assert beyond(here, base_ns) == merged, component
+        assert beyond(here, tables["nobody", NS]) == merged, component
         for table in (elsewhere, here):
             assert "*" not in table and "*.*" not in table, component
             assert not [r for r, verbs in table.items() if "*" in verbs], component
-
-    # The questions an auditor asks, answered by the API server one by one.
-    assert not can_i(cluster, "operator", "get", "secrets", NS)
-    assert not can_i(cluster, "csi-controller", "get", "secrets", NS)
-    assert can_i(cluster, "csi-node", "list", "secrets", NS)
-    assert not can_i(cluster, "csi-node", "list", "secrets", "default")
-    assert not can_i(cluster, "csi-node", "get", "secrets", "kube-system")
-    assert not can_i(cluster, "csi-node", "get", "storagenodes.flashmesh.dev", NS)
-    assert can_i(cluster, "agent", "get", "secrets", NS)
-    assert not can_i(cluster, "agent", "get", "secrets", "kube-system")
-    assert not can_i(cluster, "agent", "delete", "storagenodes.flashmesh.dev", NS)
-    assert not can_i(cluster, "agent", "update", "leases.coordination.k8s.io", "default")
-    for component in COMPONENTS:
-        assert not can_i(cluster, component, "*", "*", NS), component
-        assert not can_i(cluster, component, "escalate", "clusterroles", NS), component
-        assert not can_i(cluster, component, "create", "pods", NS), component
+    wrong = [q for q, answer in answers if answer.result() != q[4]]
+    assert not wrong, f"kubectl auth can-i answered otherwise for {wrong}"
 
 
 # --- uninstall (last: the release is gone after it) ----------------------------------------
