@@ -18,6 +18,10 @@ THIN_POOL = "thin"
 # metadata to grow and for lvm2's spare metadata volume.
 THIN_POOL_SHARE = "95%FREE"
 _REPORT = ("--reportformat", "json", "--units", "b", "--nosuffix")
+_LV_FIELDS = (
+    "lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,metadata_percent,segtype,"
+    "vg_size,vg_free"
+)
 # The commands that only read; every other one changes the node.
 _READS = frozenset({"pvs", "vgs", "lvs"})
 
@@ -135,26 +139,47 @@ class Lvm:
     def physical_volumes(self) -> list[PhysicalVolume]:
         return physical_volumes(self._run("pvs", *_REPORT, "-o", "pv_name,vg_name,pv_size"))
 
+    def _lv_report(self, vg: str) -> str | None:
+        """One `lvs` of the group, with the group's size and free space on every row (each
+        lvm2 command scans every device, which takes a second under emulation); None when
+        the group does not exist."""
+        argv = ("lvs", *_REPORT, "-a", "-o", _LV_FIELDS, vg)
+        if argv not in self._reports:
+            result = self.runner(argv)
+            if result.rc != 0:
+                if "not found" not in result.stderr:
+                    raise LvmError(str(CommandError(result)))
+                self._reports[argv] = ""
+            else:
+                self._reports[argv] = result.stdout
+        return self._reports[argv] or None
+
     def volume_group(self, vg: str) -> VolumeGroup | None:
-        out = self._run("vgs", *_REPORT, "-o", "vg_name,vg_size,vg_free")
+        text = self._lv_report(vg)
+        if text is None:
+            return None
+        rows = parse_report(text, "lv")
+        if rows:
+            return VolumeGroup(vg, int(rows[0]["vg_size"]), int(rows[0]["vg_free"]))
+        out = self._run("vgs", *_REPORT, "-o", "vg_name,vg_size,vg_free", vg)  # no volumes yet
         return next((g for g in volume_groups(out) if g.name == vg), None)
 
     def logical_volumes(self, vg: str) -> list[LogicalVolume]:
-        if self.volume_group(vg) is None:
-            return []
-        fields = (
-            "lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,metadata_percent,segtype"
-        )
-        return logical_volumes(self._run("lvs", *_REPORT, "-a", "-o", fields, vg))
+        text = self._lv_report(vg)
+        return logical_volumes(text) if text else []
 
     def logical_volume(self, vg: str, name: str) -> LogicalVolume | None:
         return next((lv for lv in self.logical_volumes(vg) if lv.name == name), None)
 
     # --- the volume group and its thin pool ---------------------------------------------
 
-    def ensure_volume_group(self, vg: str, devices: list[str]) -> None:
-        """The volume group over these devices: made, or extended by new ones; activated."""
-        members = {pv.path for pv in self.physical_volumes() if pv.volume_group == vg}
+    def ensure_volume_group(
+        self, vg: str, devices: list[str], members: set[str] | None = None
+    ) -> None:
+        """The volume group over these devices: made, or extended by new ones; activated.
+        members: the devices already in it, when the caller knows them (from its inventory)."""
+        if members is None:
+            members = {pv.path for pv in self.physical_volumes() if pv.volume_group == vg}
         new = [d for d in devices if d not in members]
         if self.volume_group(vg) is None:
             if not new:

@@ -31,6 +31,7 @@ NVME_PORT = 4420
 LEASE_SECONDS = 40
 HEARTBEAT_EVERY = 5.0
 INVENTORY_EVERY = 30.0
+MODULES = Path("/sys/module")
 
 
 @dataclass
@@ -82,7 +83,8 @@ class Agent:
         endpoints = self._endpoints(ports, pool)
         # nvmet and a target driver per transport served (no-ops once loaded).
         modules = ["nvmet", *(f"nvmet-{e.transport}" for e in endpoints)]
-        process.check(self.runner, ["modprobe", "-a", *modules])
+        if any(not (MODULES / m.replace("-", "_")).exists() for m in modules):
+            process.check(self.runner, ["modprobe", "-a", *modules])
         conditions: list[Condition] = []
         own_nqn, refused = self._host_identity(node_obj, conditions)
         lvm = Lvm(self.runner)
@@ -213,7 +215,8 @@ class Agent:
             return set()
         paths = [d.path for d in selection.selected]
         try:
-            lvm.ensure_volume_group(vg, paths)
+            members = {d.path for d in devices if d.volume_group == vg}
+            lvm.ensure_volume_group(vg, paths, members)
             lvm.ensure_thin_pool(vg)
         except LvmError as exc:
             conditions.append(Condition("DrivesReady", "False", "VolumeGroupFailed", str(exc)))
