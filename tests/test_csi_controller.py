@@ -346,3 +346,26 @@ def test_fuzzed_create_requests_never_fail_inside(
     )  # fmt: skip
     got, message = code_of(stub[0].CreateVolume, request)
     assert got not in (Code.INTERNAL, Code.UNKNOWN), message
+
+
+def test_a_repeat_publish_asking_for_other_access_already_exists(stub: Any, pool: Kube) -> None:
+    code_of(stub[0].CreateVolume, create("pvc-repeat", size=8 * MIB))  # placed, not served
+    vid = naming.volume_id("pvc-repeat")
+    host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ee"
+    driver = {"name": resources.CSI_DRIVER, "nodeID": host}
+    pool.create({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
+                 "metadata": {"name": "single"}, "spec": {"drivers": [driver]}})  # fmt: skip
+    request = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=vid, node_id=host, volume_capability=mount()
+    )
+    # Allowed in the object (no agent here to report it served: the wait runs out).
+    assert code_of(stub[0].ControllerPublishVolume, request)[0] == Code.DEADLINE_EXCEEDED
+    assert host in (pool.get(API, "Volume", vid) or {})["spec"]["hosts"]
+    request.readonly = True
+    got, message = code_of(stub[0].ControllerPublishVolume, request)
+    assert got == Code.ALREADY_EXISTS and "unpublish it there first" in message
+    unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host)
+    assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.OK
+    volume = pool.get(API, "Volume", vid) or {}
+    assert host not in volume["spec"]["hosts"]
+    assert "flashmesh.dev/published" not in (volume["metadata"].get("annotations") or {})

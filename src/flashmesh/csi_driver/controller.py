@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 RPC = csi_pb2.ControllerServiceCapability.RPC
 TOPOLOGY_KEY = resources.TOPOLOGY_KEY
 MANAGER = "flashmesh-csi-controller"
+PUBLISHED = f"{resources.GROUP}/published"
+Mode = csi_pb2.VolumeCapability.AccessMode
 
 
 def _fail(code: grpc.StatusCode, message: str) -> CsiError:
@@ -300,11 +302,23 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     "for single-node access: unpublish it there first",
                 )
 
+            asked = {"readonly": request.readonly, "mode": Mode.Mode.Name(mode)}
+
             def allow(data: dict[str, Any]) -> bool:
                 hosts = data["spec"].setdefault("hosts", [])
-                if host in hosts:
+                published = _published(data)
+                if host in hosts and published.get(host, asked) != asked:
+                    raise _fail(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"volume {vid} is published to {host} as {published[host]}, not as "
+                        f"{asked}: unpublish it there first",
+                    )
+                if host in hosts and host in published:
                     return False
-                hosts.append(host)
+                if host not in hosts:
+                    hosts.append(host)
+                published[host] = asked
+                _set_published(data, published)
                 return True
 
             self.cluster.edit_volume(vid, allow)
@@ -331,7 +345,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 hosts: list[str] = data["spec"].get("hosts") or []
                 kept = [h for h in hosts if h not in gone]
                 data["spec"]["hosts"] = kept
-                return kept != hosts
+                published = _published(data)
+                _set_published(data, {h: a for h, a in published.items() if h not in gone})
+                return kept != hosts or len(published) != len(_published(data))
 
             self.cluster.edit_volume(vid, deny)
             for removed in gone:
@@ -607,10 +623,29 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             self.cluster.kube.event(data, reason, message, warning=True, component=MANAGER)
 
 
+def _published(data: dict[str, Any]) -> dict[str, Any]:
+    """How each host was published (read-only or not, the access mode), so a repeat that
+    asks for something else is told ALREADY_EXISTS."""
+    annotations = data["metadata"].get("annotations") or {}
+    found: dict[str, Any] = json.loads(annotations.get(PUBLISHED, "{}"))
+    return found
+
+
+def _set_published(data: dict[str, Any], published: dict[str, Any]) -> None:
+    annotations = data["metadata"].setdefault("annotations", {}) or {}
+    data["metadata"]["annotations"] = annotations
+    if published:
+        annotations[PUBLISHED] = json.dumps(published, sort_keys=True, separators=(",", ":"))
+    else:
+        annotations.pop(PUBLISHED, None)
+
+
 def _gone(volume: Volume | None, host: str) -> str | None:
-    if volume is None:
-        return None
-    return segments_missing(volume, gone=host)
+    """Whether an agent still reports the host allowed on a segment (a segment never
+    exported never let it in)."""
+    statuses = (volume.status.segments if volume and volume.status else None) or []
+    still = [f"{s.index}/{s.replica} on {s.node}" for s in statuses if host in (s.hosts or [])]
+    return f"{host} still allowed on segment(s) {', '.join(still)}" if still else None
 
 
 def _condition(volume: Volume) -> csi_pb2.VolumeCondition:
