@@ -81,7 +81,7 @@ def test_the_agent_killed_at_20_points_converges_and_leaks_nothing(
         start_agent(lab, STORAGE0)
 
     log = (lab.workdir / f"agent-{VM}.log").read_bytes()[log_start:].decode(errors="replace")
-    points = re.findall(r"crash point: SIGKILL before change \d+ \((\S+) (\S+)", log)
+    points = re.findall(r"crash point: SIGKILL before change \d+ \((\S+) ([^\s)]+)", log)
     assert len(points) == MAKING[0] + CHANGING[0], log[-3000:]
 
     live = grown + closed
