@@ -347,7 +347,13 @@ def test_a_pvc_through_the_sidecars_attach_grow_snapshot_restore_delete(
         stack,
         lab,
     )
-    wait("Snapshots deleted", lambda: not kube.list(resources.API_VERSION, "Snapshot"), stack, lab)
+    wait(
+        "Snapshots deleted",
+        lambda: not [s for s in kube.list(resources.API_VERSION, "Snapshot")
+                     if s["spec"]["sourceVolume"] in gone],
+        stack,
+        lab,
+    )  # fmt: skip
     for spec in NODES:
         subsystems, links = exported(lab, spec.name)
         assert not any(v in " ".join(subsystems + links) for v in gone)
