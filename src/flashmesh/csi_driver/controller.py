@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from flashmesh.core import naming, params, resources, serde
 from flashmesh.core.capacity import volume_size
 from flashmesh.core.placement import PlacementError, largest_volume, place
-from flashmesh.core.resources import Layout, Snapshot, Volume
+from flashmesh.core.resources import Snapshot, Volume
 from flashmesh.core.units import format_bytes, parse_bytes
 from flashmesh.csi_driver import capabilities
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
@@ -692,4 +692,4 @@ def _page(items: list[Any], max_entries: int, token: str) -> tuple[list[Any], st
     return page, _order(page[-1]) if more and page else ""
 
 
-__all__ = ["TOPOLOGY_KEY", "Controller", "Layout", "publish_context", "resources"]
+__all__ = ["TOPOLOGY_KEY", "Controller", "publish_context"]
