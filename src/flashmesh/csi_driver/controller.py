@@ -34,6 +34,9 @@ TOPOLOGY_KEY = resources.TOPOLOGY_KEY
 MANAGER = "flashmesh-csi-controller"
 PUBLISHED = f"{resources.GROUP}/published"
 Mode = csi_pb2.VolumeCapability.AccessMode
+# A content source: its field in the Volume's spec, its size in bytes, and the node of each
+# of its segments as (index, replica, node).
+Source = tuple[dict[str, str], int, list[tuple[int, int, str]]]
 
 
 def _fail(code: grpc.StatusCode, message: str) -> CsiError:
@@ -115,9 +118,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 f"{self.fabric!r}, not {wanted[0].segments[TOPOLOGY_KEY]!r}",
             )
 
-    def _source(
-        self, source: Any, chosen: params.VolumeParams
-    ) -> tuple[dict[str, str], int, list[tuple[int, int, str]]] | None:
+    def _source(self, source: Any, chosen: params.VolumeParams) -> Source | None:
         """The content source: its field in the Volume's spec, its size, and where each
         of its segments sits (a copy's segments go to the same nodes)."""
         kind = source.WhichOneof("type")
@@ -155,7 +156,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         name: str,
         chosen: params.VolumeParams,
         size: int,
-        source: tuple[dict[str, str], int, list[tuple[int, int, str]]] | None,
+        source: Source | None,
     ) -> Volume:
         layout = chosen.layout
         count = layout.stripe_width * layout.replicas
@@ -213,7 +214,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         volume: Volume,
         request: Any,
         chosen: params.VolumeParams,
-        source: tuple[dict[str, str], int, list[tuple[int, int, str]]] | None,
+        source: Source | None,
     ) -> None:
         """A repeat of CreateVolume must ask for what exists."""
         size = parse_bytes(volume.spec.size)
