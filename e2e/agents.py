@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from helpers import STORAGE0, STORAGE1, sh
+from helpers import GPU0, GPU1, STORAGE0, STORAGE1, sh
 
 from flashmesh.core import naming, resources
 from flashmesh.kube import Kube
@@ -96,6 +96,23 @@ def run_agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
             # Whatever a failed test left exported goes, so later scenarios find a clean
             # target: FlashMesh's own planner, asked for nothing.
             lab.exec(spec.name, f"{sys.executable} -c '{UNEXPORT_ALL}'", check=False)
+
+
+def leave_nothing_behind(lab: Lab, cluster: LocalCluster) -> None:
+    """Every Snapshot and Volume deleted through running agents (one a scenario stopped is
+    started again), and the GPU VMs' NVMe connections and stripes gone."""
+    for gpu in (GPU0, GPU1):
+        lab.exec(gpu.name, "dmsetup remove_all; nvme disconnect-all", check=False)
+    for spec in NODES:
+        if lab.exec(spec.name, "pgrep -f 'flashmesh.cli agent'", check=False).rc != 0:
+            start_agent(lab, spec)
+    kube = cluster.kube
+    for kind in ("Snapshot", "Volume"):
+        names = [o["metadata"]["name"] for o in kube.list(API, kind)]
+        for name in names:
+            kube.delete(API, kind, name)
+        gone = processes.wait_until(lambda k=kind: not kube.list(API, k), 300)  # type: ignore[misc]
+        assert gone, f"{kind}s left after the scenario: {names}\n{agent_log(lab, STORAGE0.name)}"
 
 
 def create_volume(

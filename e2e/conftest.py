@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from agents import run_agents
+from agents import leave_nothing_behind, run_agents
 from helpers import GPU0, GPU1, STORAGE0, STORAGE1, Scenario
 
 from flashmesh.lab.cluster import LocalCluster
@@ -35,6 +35,16 @@ def _healthy_vms(request: pytest.FixtureRequest) -> None:
     the next, so one crash does not fail every scenario after it."""
     if "lab" in request.fixturenames:
         request.getfixturevalue("lab").revive()
+
+
+@pytest.fixture(autouse=True)
+def _agents_left_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each scenario with the agents, whatever it left (a failed scenario stops
+    before its own clean-up) is deleted through the agents, so the next scenario finds
+    empty targets and its exact checks of configfs and LVM hold."""
+    yield
+    if "agents" in request.fixturenames:
+        leave_nothing_behind(request.getfixturevalue("lab"), request.getfixturevalue("agents"))
 
 
 @pytest.fixture
