@@ -121,8 +121,8 @@ def test_agents_register_their_nodes_with_the_real_drives(
 
 # GPU-1 writes and verifies in a loop until /lab/stop-io exists; each pass says whether it
 # began before or after /lab/cut-done appeared, and how it ended.
-# Dropping GPU-0 relinks the subsystems, so GPU-1 reconnects too. Debian 12's nvme-tcp
-# (6.1) may send from the submitting process without MSG_NOSIGNAL: a send on the reset
+# Dropping GPU-0 relinks the subsystems, so GPU-1 reconnects too. The guest's nvme-tcp
+# (6.12) may send from the submitting process without MSG_NOSIGNAL: a send on the reset
 # socket then raises SIGPIPE in fio, not an I/O error. The loop ignores SIGPIPE (fio
 # inherits that) to check what matters here: every pass's data verified.
 IO_LOOP = """

@@ -67,7 +67,8 @@ def pool(crds: LocalCluster) -> Iterator[Kube]:
                  "layout": {"stripeWidth": 2}},
     })  # fmt: skip
     for node in NODES:
-        kube.create({"apiVersion": API, "kind": "StorageNode", "metadata": {"name": node},
+        kube.create({"apiVersion": API, "kind": "StorageNode",
+                     "metadata": {"name": node, "labels": {"pool": POOL}},
                      "spec": {"pool": POOL}})  # fmt: skip
         status = {"phase": "Ready", "volumeGroup": {
             "name": f"flashmesh-{POOL}", "size": "1Gi", "free": "1Gi",

@@ -84,6 +84,9 @@ DEFAULT_KINDS = {
     "Deployment": 2,  # operator, CSI controller
     "DaemonSet": 2,  # node plugin, agent
     "CSIDriver": 1,
+    # Deleting a StoragePool that holds volumes is refused.
+    "ValidatingAdmissionPolicy": 1,
+    "ValidatingAdmissionPolicyBinding": 1,
 }
 
 
@@ -122,13 +125,16 @@ def test_lint_and_render(helm: Helm, rendered: list[dict[str, Any]]) -> None:
         main = spec["containers"][0]
         assert "metrics" in [p["name"] for p in main["ports"]]
 
-    # Only the CSIDriver object is cluster-wide and shared; every other object is the
-    # release's: in its namespace, or named after it.
+    # Only the CSIDriver and the pool admission policy are cluster-wide and shared (like
+    # the CRDs); every other object is the release's: in its namespace, or named after it.
     elsewhere = helm.template("fm", "storage")
+    shared = {"CSIDriver": "csi.flashmesh.dev",
+              "ValidatingAdmissionPolicy": "flashmesh-storagepool-in-use",
+              "ValidatingAdmissionPolicyBinding": "flashmesh-storagepool-in-use"}  # fmt: skip
     for obj in elsewhere:
         meta = obj["metadata"]
-        if obj["kind"] == "CSIDriver":
-            assert meta["name"] == "csi.flashmesh.dev"
+        if obj["kind"] in shared:
+            assert meta["name"] == shared[obj["kind"]]
             continue
         assert meta["name"].startswith("fm-flashmesh-"), meta["name"]
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
@@ -422,12 +428,13 @@ OPERATOR = {
     "storagepools.flashmesh.dev": GLW | {"patch"},
     "storagepools.flashmesh.dev/status": {"patch"},
     "storagenodes.flashmesh.dev": GLW | {"patch"},
+    "storagenodes.flashmesh.dev/status": {"patch"},
     "trainingworkloads.flashmesh.dev": GLW | {"patch"},
     "trainingworkloads.flashmesh.dev/status": {"patch"},
     "volumes.flashmesh.dev": GLW,
     "snapshots.flashmesh.dev": GLW,
-    "storageclasses.storage.k8s.io": EDIT,
-    "volumesnapshotclasses.snapshot.storage.k8s.io": EDIT,
+    "storageclasses.storage.k8s.io": EDIT | {"delete"},
+    "volumesnapshotclasses.snapshot.storage.k8s.io": EDIT | {"delete"},
     "jobs.batch": EDIT,
     "deployments.apps": EDIT,
     "persistentvolumeclaims": EDIT,

@@ -38,6 +38,14 @@ def _csi(args: argparse.Namespace) -> int:
     )
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from flashmesh.operator import main
+    from flashmesh.operator.handlers import OperatorConfig
+
+    config = OperatorConfig(args.namespace, args.resync, args.kubeconfig)
+    return main.run(config, args.metrics_port, args.liveness)
+
+
 def _lab(args: argparse.Namespace) -> int:
     # Imported here: the lab is a development tool, and the product's subcommands must not
     # pay for (or depend on) it.
@@ -83,8 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     csi.set_defaults(func=_csi)
 
+    operator = sub.add_parser(
+        "operator", help="run the operator (StoragePools, StorageNodes, TrainingWorkloads)"
+    )
+    operator.add_argument("--kubeconfig", help="default: the pod's service account")
+    operator.add_argument(
+        "--namespace", default="flashmesh-system", help="where the agents' Leases live"
+    )
+    operator.add_argument(
+        "--resync", type=float, default=10.0, help="seconds between reconciles of a pool"
+    )
+    operator.add_argument(
+        "--standalone", action="store_true", help="one replica, no peering (always on)"
+    )
+    operator.add_argument(
+        "--metrics-port", type=int, help="serve /metrics here (default: $FLASHMESH_METRICS_PORT)"
+    )
+    operator.add_argument(
+        "--liveness", help="kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    operator.set_defaults(func=_operator)
+
     for name, help_text in [
-        ("operator", "run the operator (StoragePools, StorageNodes, TrainingWorkloads)"),
         ("status", "show the pools, nodes and volumes of a cluster"),
         ("bench", "run the benchmarks"),
     ]:

@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import DynamicApiError
+from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,12 @@ class Kube:
         return self._dynamic
 
     def _resource(self, api_version: str, kind: str) -> Any:
-        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+        try:
+            return self.dynamic.resources.get(api_version=api_version, kind=kind)
+        except ResourceNotFoundError:
+            raise KubeError(
+                404, "NotFound", f"the API server serves no {kind} in {api_version}"
+            ) from None
 
     def create(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         res = self._resource(obj["apiVersion"], obj["kind"])

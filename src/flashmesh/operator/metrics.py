@@ -1,0 +1,42 @@
+"""The operator's Prometheus series: each pool's capacity, use and nodes, and how long
+reconciles take."""
+
+from __future__ import annotations
+
+from prometheus_client import Gauge, Histogram
+
+from flashmesh.core.resources import StoragePoolStatus
+from flashmesh.core.units import parse_bytes
+
+POOL_CAPACITY = Gauge(
+    "flashmesh_pool_capacity_bytes", "Thin pool bytes summed over a pool's nodes", ["pool"]
+)
+POOL_USED = Gauge(
+    "flashmesh_pool_used_bytes", "Bytes promised to volumes and snapshots in a pool", ["pool"]
+)
+POOL_NODES = Gauge(
+    "flashmesh_pool_nodes", "A pool's storage nodes, by readiness", ["pool", "ready"]
+)
+POOL_DEGRADED = Gauge("flashmesh_pool_degraded", "1 while a pool is Degraded", ["pool"])
+RECONCILE_SECONDS = Histogram(
+    "flashmesh_operator_reconcile_duration_seconds",
+    "Time to reconcile one object",
+    ["kind", "outcome"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def record_pool(name: str, status: StoragePoolStatus) -> None:
+    POOL_CAPACITY.labels(name).set(parse_bytes(status.capacity or 0))
+    POOL_USED.labels(name).set(parse_bytes(status.used or 0))
+    ready = status.nodes_ready or 0
+    POOL_NODES.labels(name, "true").set(ready)
+    POOL_NODES.labels(name, "false").set((status.nodes_total or 0) - ready)
+    POOL_DEGRADED.labels(name).set(1 if status.phase == "Degraded" else 0)
+
+
+def forget_pool(name: str) -> None:
+    for gauge in (POOL_CAPACITY, POOL_USED, POOL_DEGRADED):
+        gauge.remove(name)
+    for ready in ("true", "false"):
+        POOL_NODES.remove(name, ready)
