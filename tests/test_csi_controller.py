@@ -16,6 +16,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from flashmesh.core import naming, resources
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
@@ -370,3 +371,16 @@ def test_a_repeat_publish_asking_for_other_access_already_exists(stub: Any, pool
     volume = pool.get(API, "Volume", vid) or {}
     assert host not in volume["spec"]["hosts"]
     assert "flashmesh.dev/published" not in (volume["metadata"].get("annotations") or {})
+
+
+def test_every_call_is_timed_by_method_and_code(stub: Any) -> None:
+    def count(method: str, code: str) -> float:
+        labels = {"method": method, "code": code}
+        name = "flashmesh_csi_operation_duration_seconds_count"
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = count("CreateVolume", "INVALID_ARGUMENT"), count("GetPluginInfo", "OK")
+    code_of(stub[0].CreateVolume, csi_pb2.CreateVolumeRequest(name=""))
+    stub[1].GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+    after = count("CreateVolume", "INVALID_ARGUMENT"), count("GetPluginInfo", "OK")
+    assert after == (before[0] + 1, before[1] + 1)

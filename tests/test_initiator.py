@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from flashmesh.csi_driver.metrics import PathStates
 from flashmesh.dataplane import process
 from flashmesh.dataplane.initiator import nvme, sysfs
 from flashmesh.dataplane.initiator.nvme import ConnectOptions, InitiatorError
@@ -431,3 +433,18 @@ def test_rescan_asks_each_live_path(fake: FakeSysfs) -> None:
     fake.controller(3, 1, traddr="10.77.2.1")
     assert nvme.rescan(host, NQN, fake.sys) == ["nvme1", "nvme3"]
     assert host.commands() == ["nvme ns-rescan /dev/nvme1", "nvme ns-rescan /dev/nvme3"]
+
+
+def test_the_node_reports_its_paths_by_state_at_each_scrape(fake: FakeSysfs) -> None:
+    fake.controller(0, 0)
+    fake.controller(1, 0, traddr="10.77.1.1", state="connecting")
+    fake.controller(2, 2, nqn="nqn.2014.08.org.nvmexpress:local", transport="pcie")
+    registry = CollectorRegistry()
+    registry.register(PathStates(fake.sys))
+    value = registry.get_sample_value
+    assert value("flashmesh_nvme_paths", {"subsystem": NQN, "state": "live"}) == 1
+    assert value("flashmesh_nvme_paths", {"subsystem": NQN, "state": "connecting"}) == 1
+    fake.state(1, "live")  # read again at the next scrape
+    assert value("flashmesh_nvme_paths", {"subsystem": NQN, "state": "live"}) == 2
+    local = {"subsystem": "nqn.2014.08.org.nvmexpress:local", "state": "live"}
+    assert value("flashmesh_nvme_paths", local) is None  # not FlashMesh's

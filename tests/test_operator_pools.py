@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
+from prometheus_client import REGISTRY
 
 from flashmesh.core import naming, resources
 from flashmesh.kube import Kube, KubeError
@@ -50,6 +51,10 @@ def pool_status(kube: Kube) -> dict[str, Any]:
 def condition(kube: Kube, kind: str) -> dict[str, Any]:
     found = [c for c in pool_status(kube).get("conditions") or [] if c["type"] == kind]
     return found[0] if found else {}
+
+
+def sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
 
 
 def events(kube: Kube, reason: str) -> list[str]:
@@ -126,6 +131,11 @@ def test_pool_capacity_is_the_sum_over_its_nodes(operator: Kube) -> None:
     })  # fmt: skip
     assert wait_until(lambda: pool_status(kube).get("used") == "512Mi", 30), pool_status(kube)
     assert pool_status(kube)["free"] == "2560Mi"
+    # The same numbers on the operator's /metrics (kopf runs it in this process).
+    assert sample("flashmesh_pool_capacity_bytes", pool=POOL) == 3 << 30
+    assert wait_until(lambda: sample("flashmesh_pool_used_bytes", pool=POOL) == 512 << 20, 30)
+    assert sample("flashmesh_pool_nodes", pool=POOL, ready="true") == 2
+    assert sample("flashmesh_volumes", pool=POOL, phase="Pending") == 1
 
 
 def test_a_stale_heartbeat_makes_the_pool_degraded(operator: Kube) -> None:

@@ -21,7 +21,13 @@ def _agent(args: argparse.Namespace) -> int:
     from flashmesh.dataplane import agent
 
     return agent.main(
-        args.node, args.address, args.kubeconfig, args.interval, args.once, args.namespace
+        args.node,
+        args.address,
+        args.kubeconfig,
+        args.interval,
+        args.once,
+        args.namespace,
+        args.metrics_port,
     )
 
 
@@ -35,6 +41,7 @@ def _csi(args: argparse.Namespace) -> int:
         args.namespace,
         args.fabric,
         args.wait,
+        args.metrics_port,
     )
 
 
@@ -70,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--namespace", default="flashmesh-system", help="where its Lease and the key Secrets live"
     )
+    agent.add_argument(
+        "--metrics-port", type=int, help="serve /metrics here (default: $FLASHMESH_METRICS_PORT)"
+    )
     agent.set_defaults(func=_agent)
 
     csi = sub.add_parser("csi", help="run the CSI driver (controller and/or node service)")
@@ -88,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     csi.add_argument(
         "--wait", type=float, default=120.0, help="seconds a call waits for the storage agents"
+    )
+    csi.add_argument(
+        "--metrics-port", type=int, help="serve /metrics here (default: $FLASHMESH_METRICS_PORT)"
     )
     csi.set_defaults(func=_csi)
 

@@ -110,6 +110,23 @@ def heartbeat_lost(conditions: list[dict[str, Any]], now: str) -> list[dict[str,
     return [*(c for c in conditions if c.get("type") != "Ready"), ready]
 
 
+def volume_phase(volume: Volume) -> str:
+    """Deleting, Ready (every segment exported and ready) or Pending."""
+    if volume.metadata.deletion_timestamp:
+        return "Deleting"
+    found = (volume.status.segments if volume.status else None) or []
+    ready = {(s.index, s.replica) for s in found if s.ready}
+    wanted = {(s.index, s.replica) for s in volume.spec.segments}
+    return "Ready" if wanted and wanted <= ready else "Pending"
+
+
+def volume_phases(pool: str, volumes: list[Volume]) -> dict[str, int]:
+    counts = {"Pending": 0, "Ready": 0, "Deleting": 0}
+    for volume in pool_volumes(pool, volumes):
+        counts[volume_phase(volume)] += 1
+    return counts
+
+
 def pool_volumes(pool: str, volumes: list[Volume]) -> list[Volume]:
     return [v for v in volumes if v.spec.pool == pool]
 

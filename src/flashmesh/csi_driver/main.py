@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
+from flashmesh import metrics
 from flashmesh.csi_driver._proto import csi_pb2_grpc
 from flashmesh.csi_driver.identity import Identity
 from flashmesh.csi_driver.server import serve
@@ -23,8 +24,10 @@ def run(
     namespace: str,
     fabric: str,
     wait_seconds: float,
+    metrics_port: int | None = None,
 ) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    metrics.serve(metrics_port)
     register: list[Callable[[grpc.Server], None]] = []
     identity = Identity()
     register.append(lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s))
@@ -37,8 +40,10 @@ def run(
         controller = Controller(cluster, fabric)
         register.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s))
     if mode in ("node", "all"):
+        from flashmesh.csi_driver.metrics import watch_paths
         from flashmesh.csi_driver.node import Node
 
+        watch_paths()
         node = Node.from_host(fabric=fabric, namespace=namespace, kubeconfig=kubeconfig)
         register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
     server = serve(endpoints, register)

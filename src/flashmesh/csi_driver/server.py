@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from flashmesh.csi_driver.errors import status_of
+from flashmesh.csi_driver.metrics import OPERATION_SECONDS
 from flashmesh.csi_driver.redact import redacted
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,14 @@ class CallLogger(grpc.ServerInterceptor):  # type: ignore[misc]
                 response = inner(request, context)
             except Exception as exc:
                 code, message = status_of(exc)
+                OPERATION_SECONDS.labels(method, code.name).observe(time.monotonic() - begin)
                 level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
                 log.log(level, "%s -> %s: %s", method, code.name, message,
                         exc_info=code == grpc.StatusCode.INTERNAL)  # fmt: skip
                 context.abort(code, message)
-            log.info("%s -> OK (%.3f s)", method, time.monotonic() - begin)
+            took = time.monotonic() - begin
+            OPERATION_SECONDS.labels(method, "OK").observe(took)
+            log.info("%s -> OK (%.3f s)", method, took)
             return response
 
         return grpc.unary_unary_rpc_method_handler(

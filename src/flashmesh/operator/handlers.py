@@ -64,10 +64,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         outcome = "error"
         try:
             with locks[name]:
-                status = reconciler.reconcile(name)
+                report = reconciler.reconcile(name)
             outcome = "ok"
-            if status is not None:
-                metrics.record_pool(name, status)
+            if report is not None:
+                metrics.record_pool(name, report.status, report.volume_phases)
         finally:
             metrics.RECONCILE_SECONDS.labels("StoragePool", outcome).observe(
                 time.monotonic() - begin

@@ -3,6 +3,8 @@ reconciles take."""
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Gauge, Histogram
 
 from flashmesh.core.resources import StoragePoolStatus
@@ -17,6 +19,7 @@ POOL_USED = Gauge(
 POOL_NODES = Gauge(
     "flashmesh_pool_nodes", "A pool's storage nodes, by readiness", ["pool", "ready"]
 )
+VOLUMES = Gauge("flashmesh_volumes", "A pool's volumes, by phase", ["pool", "phase"])
 POOL_DEGRADED = Gauge("flashmesh_pool_degraded", "1 while a pool is Degraded", ["pool"])
 RECONCILE_SECONDS = Histogram(
     "flashmesh_operator_reconcile_duration_seconds",
@@ -26,7 +29,9 @@ RECONCILE_SECONDS = Histogram(
 )
 
 
-def record_pool(name: str, status: StoragePoolStatus) -> None:
+def record_pool(name: str, status: StoragePoolStatus, volume_phases: dict[str, int]) -> None:
+    for phase, count in volume_phases.items():
+        VOLUMES.labels(name, phase).set(count)
     POOL_CAPACITY.labels(name).set(parse_bytes(status.capacity or 0))
     POOL_USED.labels(name).set(parse_bytes(status.used or 0))
     ready = status.nodes_ready or 0
@@ -36,7 +41,12 @@ def record_pool(name: str, status: StoragePoolStatus) -> None:
 
 
 def forget_pool(name: str) -> None:
-    for gauge in (POOL_CAPACITY, POOL_USED, POOL_DEGRADED):
-        gauge.remove(name)
-    for ready in ("true", "false"):
-        POOL_NODES.remove(name, ready)
+    """A deleted pool's series go (a series never recorded is no error)."""
+    series: list[tuple[Gauge, tuple[str, ...]]] = [
+        *((g, (name,)) for g in (POOL_CAPACITY, POOL_USED, POOL_DEGRADED)),
+        *((POOL_NODES, (name, r)) for r in ("true", "false")),
+        *((VOLUMES, (name, p)) for p in ("Pending", "Ready", "Deleting")),
+    ]
+    for gauge, labels in series:
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)

@@ -23,6 +23,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class PoolReport:
+    status: resources.StoragePoolStatus
+    volume_phases: dict[str, int]
+
+
 @dataclass
 class PoolReconciler:
     kube: Kube
@@ -43,7 +49,7 @@ class PoolReconciler:
             spec.get("renewTime"), int(spec.get("leaseDurationSeconds") or 0), now
         )
 
-    def reconcile(self, name: str) -> resources.StoragePoolStatus | None:
+    def reconcile(self, name: str) -> PoolReport | None:
         """The pool read afresh (an event's copy may be older than the last write);
         None when it is gone."""
         pool_obj = self.kube.get(API, "StoragePool", name)
@@ -72,7 +78,7 @@ class PoolReconciler:
             status.conditions[0] = resources.Condition("Ready", "False", "NoClass", class_problem)
             status.phase = "NotReady"
         self._write_status(pool_obj, status)
-        return status
+        return PoolReport(status, pools.volume_phases(pool.metadata.name, volumes))
 
     def _mark_stale(self, node: StorageNode, now: datetime) -> None:
         """A node whose agent went silent turns NotReady, for everyone who reads it."""

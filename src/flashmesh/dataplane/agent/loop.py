@@ -15,6 +15,7 @@ from flashmesh.core.hosts import duplicate_message, refusal_message, shared_host
 from flashmesh.core.resources import Condition, Endpoint, StorageNode, StoragePool, Volume
 from flashmesh.core.units import parse_bytes
 from flashmesh.dataplane import identity, process, rdma
+from flashmesh.dataplane.agent import metrics
 from flashmesh.dataplane.agent.node_status import NodeReport, Written, report_node
 from flashmesh.dataplane.agent.snapshots import reconcile_snapshots
 from flashmesh.dataplane.agent.volumes import VolumeReconciler
@@ -24,6 +25,7 @@ from flashmesh.dataplane.lvm import Lvm, LvmError
 from flashmesh.dataplane.process import CommandError, Runner
 from flashmesh.dataplane.target import configfs
 from flashmesh.kube import Kube, KubeError
+from flashmesh.metrics import serve as serve_metrics
 
 log = logging.getLogger(__name__)
 API = resources.API_VERSION
@@ -67,10 +69,14 @@ class Agent:
                 target=self._heartbeats, args=(heartbeat,), name="heartbeat", daemon=True
             ).start()
         while True:
+            begin = time.monotonic()
+            outcome = "error"
             try:
                 self.reconcile()
+                outcome = "ok"
             except Exception:  # keep serving; the next pass starts from what is there
                 log.exception("reconcile pass failed")
+            metrics.PASS_SECONDS.labels(outcome).observe(time.monotonic() - begin)
             time.sleep(interval)
 
     def reconcile(self) -> None:
@@ -245,8 +251,11 @@ def main(
     interval: float,
     once: bool,
     namespace: str = "flashmesh-system",
+    metrics_port: int | None = None,
 ) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not once:
+        serve_metrics(metrics_port)
     agent = Agent(Kube.from_kubeconfig(kubeconfig), node, address, namespace=namespace)
     if once:
         agent.reconcile()

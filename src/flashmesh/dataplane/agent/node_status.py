@@ -12,8 +12,9 @@ from typing import Any
 from flashmesh.core import resources, serde
 from flashmesh.core.drives import BlockDevice
 from flashmesh.core.resources import Condition, Endpoint
-from flashmesh.core.units import format_bytes
+from flashmesh.core.units import format_bytes, parse_bytes
 from flashmesh.dataplane import rdma
+from flashmesh.dataplane.agent import metrics
 from flashmesh.dataplane.lvm import THIN_POOL, Lvm
 from flashmesh.kube import Kube
 
@@ -68,6 +69,11 @@ def report_node(
         for d in report.devices
     ]
     volume_group = volume_group_status(lvm, report.vg_name)
+    thin = volume_group.thin_pool if volume_group else None
+    if thin is not None:
+        size = parse_bytes(thin.size)
+        metrics.THIN_POOL_BYTES.set(size)
+        metrics.THIN_POOL_USED.set(size * (thin.data_percent or 0.0) / 100)
     # A refused drive is a warning (DrivesReady); the node serves from what it has.
     ready = volume_group is not None and volume_group.thin_pool is not None
     message = "serving" if ready else "no volume group yet: see DrivesReady"

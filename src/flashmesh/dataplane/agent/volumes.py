@@ -12,6 +12,7 @@ from pathlib import Path
 from flashmesh.core import naming, resources, serde
 from flashmesh.core.resources import Endpoint, Snapshot, Volume
 from flashmesh.core.units import format_bytes, parse_bytes
+from flashmesh.dataplane.agent import metrics
 from flashmesh.dataplane.lvm import Lvm, LvmError
 from flashmesh.dataplane.target import configfs
 from flashmesh.dataplane.target.desired import (
@@ -78,6 +79,9 @@ class VolumeReconciler:
         statuses = segment_statuses(
             self.node, live, observed, self.endpoints, errors, self.refused, shown
         )
+        entries_all = [e for entries in statuses.values() for e in entries]
+        ready = sum(1 for e in entries_all if e.ready)
+        metrics.record_exports(ready, len(entries_all) - ready)
         for name, entries in statuses.items():
             body = {
                 "apiVersion": API,
