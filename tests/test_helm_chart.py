@@ -439,6 +439,8 @@ OPERATOR = {
     "deployments.apps": EDIT,
     "persistentvolumeclaims": EDIT,
     "volumesnapshots.snapshot.storage.k8s.io": EDIT,
+    "pods": GLW,
+    "volumeattachments.storage.k8s.io": GLW,
     "events": {"create", "patch"},
     "customresourcedefinitions.apiextensions.k8s.io": GLW,
 }

@@ -20,6 +20,7 @@ from flashmesh.core import pools, resources
 from flashmesh.kube import Kube
 from flashmesh.operator import metrics
 from flashmesh.operator.pools import PoolReconciler
+from flashmesh.operator.workloads import WorkloadReconciler
 
 GROUP = resources.GROUP
 VERSION = resources.VERSION
@@ -97,5 +98,32 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             )
         reconciler.release_nodes(dict(body))
         metrics.forget_pool(name)
+
+    workload_reconciler = WorkloadReconciler(kube)
+
+    def reconcile_workload(body: kopf.Body) -> None:
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        begin = time.monotonic()
+        outcome = "error"
+        try:
+            with locks[f"{namespace}/{name}"]:
+                decision = workload_reconciler.reconcile(name, namespace)
+            outcome = "ok"
+            if decision is not None:
+                metrics.record_workload(namespace, name, decision.phase)
+        finally:
+            metrics.RECONCILE_SECONDS.labels("TrainingWorkload", outcome).observe(
+                time.monotonic() - begin
+            )
+
+    @kopf.on.resume(GROUP, VERSION, "trainingworkloads", registry=registry)
+    @kopf.on.create(GROUP, VERSION, "trainingworkloads", registry=registry)
+    @kopf.on.update(GROUP, VERSION, "trainingworkloads", field="spec", registry=registry)
+    def workload_changed(body: kopf.Body, **_: Any) -> None:
+        reconcile_workload(body)
+
+    @kopf.timer(GROUP, VERSION, "trainingworkloads", interval=config.resync, registry=registry)
+    def workload_resync(body: kopf.Body, **_: Any) -> None:
+        reconcile_workload(body)
 
     return registry

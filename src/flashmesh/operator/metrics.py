@@ -9,6 +9,7 @@ from prometheus_client import Gauge, Histogram
 
 from flashmesh.core.resources import StoragePoolStatus
 from flashmesh.core.units import parse_bytes
+from flashmesh.core.workloads import PHASES
 
 POOL_CAPACITY = Gauge(
     "flashmesh_pool_capacity_bytes", "Thin pool bytes summed over a pool's nodes", ["pool"]
@@ -21,6 +22,11 @@ POOL_NODES = Gauge(
 )
 VOLUMES = Gauge("flashmesh_volumes", "A pool's volumes, by phase", ["pool", "phase"])
 POOL_DEGRADED = Gauge("flashmesh_pool_degraded", "1 while a pool is Degraded", ["pool"])
+WORKLOADS = Gauge(
+    "flashmesh_trainingworkload_phase",
+    "1 for a TrainingWorkload's current phase",
+    ["namespace", "name", "phase"],
+)
 RECONCILE_SECONDS = Histogram(
     "flashmesh_operator_reconcile_duration_seconds",
     "Time to reconcile one object",
@@ -50,3 +56,8 @@ def forget_pool(name: str) -> None:
     for gauge, labels in series:
         with contextlib.suppress(KeyError):
             gauge.remove(*labels)
+
+
+def record_workload(namespace: str, name: str, phase: str) -> None:
+    for each in PHASES:
+        WORKLOADS.labels(namespace, name, each).set(1 if each == phase else 0)
