@@ -7,7 +7,7 @@ import pytest
 from flashmesh import cli
 
 
-@pytest.mark.parametrize("command", ["status", "bench"])
+@pytest.mark.parametrize("command", ["bench"])
 def test_unbuilt_subcommands_say_so_and_fail(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

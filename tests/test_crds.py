@@ -107,13 +107,18 @@ def assert_cause(error: KubeError, field: str, fix: str) -> None:
 
 def test_every_example_is_accepted_and_reads_back_into_its_model(crds: LocalCluster) -> None:
     kube = crds.kube
+    made = []
     for path in example_files():
         data = yaml.safe_load(path.read_text())
         stored = kube.create(data)
+        made.append(stored)
         kind = next(k for k in resources.KINDS if data["kind"] == k.KIND)
         model = kind.from_dict(stored)
         # The model writes back exactly what the API server stored, defaults included.
         assert model.to_dict()["spec"] == stored["spec"], path.name
+    for obj in made:  # later tests run an operator over the whole cluster
+        meta = obj["metadata"]
+        kube.delete(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
 
 
 def test_a_full_status_round_trips_through_the_model(crds: LocalCluster) -> None:

@@ -14,6 +14,7 @@ import pytest
 from kopf.testing import KopfRunner
 from prometheus_client import REGISTRY
 
+from flashmesh import cli, status
 from flashmesh.core import naming, resources
 from flashmesh.kube import Kube, KubeError
 from flashmesh.lab.binaries import locate_csi
@@ -136,6 +137,24 @@ def test_pool_capacity_is_the_sum_over_its_nodes(operator: Kube) -> None:
     assert wait_until(lambda: sample("flashmesh_pool_used_bytes", pool=POOL) == 512 << 20, 30)
     assert sample("flashmesh_pool_nodes", pool=POOL, ready="true") == 2
     assert sample("flashmesh_volumes", pool=POOL, phase="Pending") == 1
+
+
+def test_flashmesh_status_shows_pools_nodes_volumes_and_paths(
+    operator: Kube, crds: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    found = {t.title: t for t in status.tables(operator)}
+    pools = {row[0]: row for row in found["Pools"].rows}
+    assert pools[POOL][1:6] == ("Ready", "2/2", "3Gi", "512Mi", "2560Mi")
+    nodes = {row[0]: row for row in found["Storage nodes"].rows}
+    assert nodes["op-a"][1:3] == (POOL, "Ready") and nodes["op-b"][4] == "2Gi"
+    volumes = {row[0]: row for row in found["Volumes"].rows}
+    assert volumes["pvc-op-1"][1:7] == ("fm-0p0000000001", POOL, "512Mi", "2x1", "Pending",
+                                        "op-a, op-b")  # fmt: skip
+    assert cli.main(["status", "--kubeconfig", str(crds.kubeconfig)]) == 0
+    printed = capsys.readouterr().out
+    for title in ("Pools", "Storage nodes", "Volumes", "Paths (segment exports)"):
+        assert title in printed
+    assert "pvc-op-1" in printed and "flashmesh-op-pool" in printed
 
 
 def test_a_stale_heartbeat_makes_the_pool_degraded(operator: Kube) -> None:

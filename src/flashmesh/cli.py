@@ -53,6 +53,12 @@ def _operator(args: argparse.Namespace) -> int:
     return main.run(config, args.metrics_port, args.liveness)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from flashmesh import status
+
+    return status.main(args.kubeconfig)
+
+
 def _lab(args: argparse.Namespace) -> int:
     # Imported here: the lab is a development tool, and the product's subcommands must not
     # pay for (or depend on) it.
@@ -125,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.set_defaults(func=_operator)
 
+    status = sub.add_parser("status", help="show the pools, nodes, volumes and paths")
+    status.add_argument("--kubeconfig", help="default: $KUBECONFIG or ~/.kube/config")
+    status.set_defaults(func=_status)
+
     for name, help_text in [
-        ("status", "show the pools, nodes and volumes of a cluster"),
         ("bench", "run the benchmarks"),
     ]:
         p = sub.add_parser(name, help=help_text)

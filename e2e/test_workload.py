@@ -1,0 +1,222 @@
+"""A TrainingWorkload from `kubectl apply` to Succeeded, on KWOK GPU nodes: the operator
+(a `flashmesh operator` process) runs ETL, snapshots the dataset, trains two replicas on
+two nodes reading it read-only with a checkpoint volume each, snapshots replica 0's
+checkpoint into the model and serves it. Every volume is real: the CSI sidecars and the
+FlashMesh controller provision, attach, snapshot and restore them on the storage agents
+in the VMs. KWOK runs the pods and completes the Jobs (the lab has no kubelet).
+
+The operator is SIGKILLed as each phase begins and started again: the workload still
+reaches Succeeded, and every object exists once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from agents import NAMESPACE, POOL, agent_log
+from csi import controller, controller_log
+from helpers import Scenario
+
+from flashmesh.core import resources, workloads
+from flashmesh.core.pools import POOL_LABEL
+from flashmesh.csi_driver.controller import TOPOLOGY_KEY
+from flashmesh.kube import Kube
+from flashmesh.lab import processes
+from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.sidecars import Sidecars
+from flashmesh.lab.vm import Lab
+
+pytestmark = pytest.mark.kernel
+
+API = resources.API_VERSION
+NS = "default"
+WL = "mnist"
+GPU_NODES = {  # KWOK nodes with two GPUs each; host NQNs no VM claims
+    "train-a": "nqn.2014-08.org.nvmexpress:uuid:7a000000-0000-4000-8000-00000000000a",
+    "train-b": "nqn.2014-08.org.nvmexpress:uuid:7a000000-0000-4000-8000-00000000000b",
+}
+ANYWHERE = [{"operator": "Exists"}]  # KWOK nodes' taints
+
+
+@dataclass
+class Operator:
+    """`flashmesh operator` as its own process, to be killed."""
+
+    cluster: LocalCluster
+    lab: Lab
+    proc: subprocess.Popen[bytes] | None = None
+    kills: int = 0
+
+    def start(self) -> None:
+        log = (self.lab.workdir / "operator.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flashmesh.cli", "operator", "--kubeconfig",
+             str(self.cluster.kubeconfig), "--namespace", NAMESPACE, "--resync", "1"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.kills += 1
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return (self.lab.workdir / "operator.log").read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def operator(
+    lab: Lab, agents: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    socket = tmp_path_factory.mktemp("csi") / "controller.sock"
+    kube = agents.kube
+    with controller(lab, agents, str(socket)):
+        for node, nqn in GPU_NODES.items():
+            if kube.get("v1", "Node", node) is None:
+                driver = {"name": resources.CSI_DRIVER, "nodeID": nqn,
+                          "topologyKeys": [TOPOLOGY_KEY]}  # fmt: skip
+                agents.add_fake_node(node, labels={TOPOLOGY_KEY: "default", "gpu": "yes"},
+                                     gpus=2, csi_drivers=[driver])  # fmt: skip
+        sidecars = Sidecars(agents, socket, lab.workdir / "sidecars-workload")
+        sidecars.start()  # installs the snapshot CRDs too
+        # Classes of this pool made by hand in other scenarios give way to the operator's.
+        for api, kind in (("storage.k8s.io/v1", "StorageClass"),
+                          ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass")):  # fmt: skip
+            found = kube.get(api, kind, f"flashmesh-{POOL}") or {"metadata": {}}
+            if found["metadata"] and POOL_LABEL not in (found["metadata"].get("labels") or {}):
+                kube.delete(api, kind, f"flashmesh-{POOL}")
+        running = Operator(agents, lab)
+        running.start()
+        try:
+            yield running
+        finally:
+            running.stop()
+            sidecars.stop()
+
+
+def stage(command: str, **extra: Any) -> dict[str, Any]:
+    return {"image": "busybox", "command": ["sh", "-c", command], "tolerations": ANYWHERE,
+            **extra}  # fmt: skip
+
+
+def phase(kube: Kube) -> str:
+    found = kube.get(API, "TrainingWorkload", WL, NS) or {}
+    return str((found.get("status") or {}).get("phase") or "")
+
+
+def owned(kube: Kube, api: str, kind: str) -> dict[str, dict[str, Any]]:
+    items = kube.list(api, kind, NS, f"{workloads.WORKLOAD_LABEL}={WL}")
+    return {o["metadata"]["name"]: o for o in items}
+
+
+def test_a_workload_walks_etl_training_inference_through_operator_kills(
+    lab: Lab, agents: LocalCluster, operator: Operator, scenario: Scenario
+) -> None:
+    kube = agents.kube
+    kube.create({
+        "apiVersion": API, "kind": "TrainingWorkload",
+        "metadata": {"name": WL, "namespace": NS},
+        "spec": {"dataset": {"size": "64Mi", "pool": POOL}, "stages": {
+            "etl": stage("write the dataset to /data"),
+            "training": stage("train on /data, checkpoint to /checkpoint", replicas=2,
+                              gpusPerReplica=2, checkpointSize="32Mi",
+                              nodeSelector={"gpu": "yes"}),
+            "inference": stage("serve /model"),
+        }},
+    })  # fmt: skip
+
+    # Each phase's first moments (its objects being made) are when the operator dies.
+    seen: list[str] = []
+
+    def next_phase() -> bool:
+        current = phase(kube)
+        if current and (not seen or seen[-1] != current):
+            seen.append(current)
+            if current not in ("Succeeded", "Failed"):
+                operator.kill()
+                operator.start()
+        return current in ("Succeeded", "Failed")
+
+    finished = processes.wait_until(next_phase, 1200, interval=0.3)
+    status = (kube.get(API, "TrainingWorkload", WL, NS) or {}).get("status")
+    assert finished and phase(kube) == "Succeeded", (
+        f"{seen}\n{status}\n{operator.log()}\n{controller_log(lab)}\n{agent_log(lab, 'storage-0')}"
+    )
+    assert seen == ["ETL", "Training", "Inference", "Succeeded"], seen
+    assert operator.kills == 3
+
+    # Every object once, with the access modes and mounts of its stage.
+    jobs = owned(kube, "batch/v1", "Job")
+    assert sorted(jobs) == [f"{WL}-etl", f"{WL}-train"]
+    snapshots = owned(kube, "snapshot.storage.k8s.io/v1", "VolumeSnapshot")
+    assert sorted(snapshots) == [f"{WL}-checkpoint", f"{WL}-dataset"]
+    assert sorted(owned(kube, "apps/v1", "Deployment")) == [f"{WL}-inference"]
+    claims = owned(kube, "v1", "PersistentVolumeClaim")
+    modes = {name: c["spec"]["accessModes"] for name, c in claims.items()}
+    checkpoints = sorted(n for n in claims if n.endswith("-checkpoint"))
+    assert len(checkpoints) == 2, modes
+    assert modes == {
+        f"{WL}-dataset": ["ReadWriteOnce"],
+        f"{WL}-dataset-ro": ["ReadOnlyMany"],
+        f"{WL}-model": ["ReadOnlyMany"],
+        **{n: ["ReadWriteOnce"] for n in checkpoints},
+    }
+    assert all(c["status"]["phase"] == "Bound" for c in claims.values())
+    # Each PVC is one FlashMesh Volume; each VolumeSnapshot one FlashMesh Snapshot.
+    pvs = {c["spec"]["volumeName"] for c in claims.values()}
+    volumes = [v for v in kube.list(API, "Volume") if v["spec"]["csiName"] in pvs]
+    assert len(volumes) == len(claims) == 5
+    contents = {(s.get("status") or {}).get("boundVolumeSnapshotContentName")
+                for s in snapshots.values()}  # fmt: skip
+    assert len(contents) == 2 and None not in contents
+    # The two training replicas ran on the two GPU nodes, each reading the dataset
+    # read-only; the restored PVCs came from the snapshots.
+    pods = kube.list("v1", "Pod", NS, f"{workloads.WORKLOAD_LABEL}={WL},"
+                                      f"{workloads.STAGE_LABEL}=training")  # fmt: skip
+    assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(GPU_NODES)
+    for pod in pods:
+        mounts = {m["name"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts["dataset"] == {"name": "dataset", "mountPath": "/data", "readOnly": True}
+        assert mounts["checkpoint"]["mountPath"] == "/checkpoint"
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert claims[f"{WL}-dataset-ro"]["spec"]["dataSource"]["name"] == f"{WL}-dataset"
+    assert claims[f"{WL}-model"]["spec"]["dataSource"]["name"] == f"{WL}-checkpoint"
+    # One "Created" Event per object, whatever the kills interrupted.
+    created = Counter(
+        e["message"]
+        for e in kube.list("v1", "Event", NS)
+        if e["involvedObject"].get("name") == WL and e["reason"] == "Created"
+    )
+    assert len(created) == 8 and set(created.values()) == {1}, created
+    stages = (status or {})["stages"]
+    assert {stages[s]["state"] for s in ("etl", "training")} == {"Succeeded"}
+    assert stages["inference"]["state"] == "Available"
+
+    # Deleting the workload deletes all it made, down to the logical volumes.
+    kube.delete(API, "TrainingWorkload", WL, NS)
+    gone = processes.wait_until(
+        lambda: not [v for v in kube.list(API, "Volume") if v["spec"]["csiName"] in pvs], 600
+    )
+    assert gone, f"{controller_log(lab)}\n{agent_log(lab, 'storage-0')}"
+    scenario.done(
+        f"ETL -> Training (2 replicas on 2 GPU nodes) -> Inference -> Succeeded; operator "
+        f"SIGKILLed {operator.kills} times; 5 PVCs, 2 snapshots, each made once"
+    )
