@@ -20,6 +20,8 @@ API = resources.API_VERSION
 POOL = "agents"
 NODES = (STORAGE0, STORAGE1)
 NAMESPACE = "flashmesh-system"
+# The chart's metrics ports: operator, CSI controller, node plugin, agent.
+OPERATOR_METRICS, CONTROLLER_METRICS, NODE_METRICS, AGENT_METRICS = 9810, 9811, 9812, 9813
 
 UNEXPORT_ALL = (
     "from flashmesh.dataplane.target import configfs as c, planner as p, model as m; "
@@ -39,7 +41,8 @@ def agent_log(lab: Lab, vm: str) -> str:
 def agent_command(spec: VmSpec, extra: str = "") -> str:
     return (
         f"{sys.executable} -m flashmesh.cli agent --node {node_name(spec.name)} "
-        f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig {extra}"
+        f"--address {spec.address(0)} --kubeconfig /lab/agent.kubeconfig "
+        f"--metrics-port {AGENT_METRICS} {extra}"
         f">> /lab/agent-{spec.name}.log 2>&1"
     )
 

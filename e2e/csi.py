@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
-from agents import NAMESPACE
+from agents import NAMESPACE, NODE_METRICS
 from helpers import sh
 
 from flashmesh.core import resources
@@ -34,11 +34,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def controller(lab: Lab, cluster: LocalCluster, socket_path: str = "") -> Iterator[str]:
+def controller(
+    lab: Lab, cluster: LocalCluster, socket_path: str = "", metrics: int | None = None
+) -> Iterator[str]:
     """`flashmesh csi --mode controller` on the lab network (and on socket_path, for the
-    sidecars); its address for the VMs."""
+    sidecars; and serving /metrics on port `metrics`); its address for the VMs."""
     port = free_port()
     extra = ["--endpoint", f"unix://{socket_path}"] if socket_path else []
+    if metrics:
+        extra += ["--metrics-port", str(metrics)]
     log = (lab.workdir / "csi-controller.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "flashmesh.cli", "csi", "--mode", "controller",
@@ -86,7 +90,7 @@ def start_node_plugin(lab: Lab, cluster: LocalCluster, vm: str) -> None:
         vm,
         f"export FLASHMESH_NODE_STATE=/run/flashmesh-node\n"
         f"exec {sys.executable} -m flashmesh.cli csi --mode node --endpoint unix://{NODE_SOCKET} "
-        f"--endpoint 0.0.0.0:{NODE_PORT} "
+        f"--endpoint 0.0.0.0:{NODE_PORT} --metrics-port {NODE_METRICS} "
         f"--kubeconfig /lab/agent.kubeconfig --namespace {NAMESPACE} "
         f">> /lab/csi-node-{vm}.log 2>&1",
     )

@@ -6,26 +6,42 @@ FlashMesh controller provision, attach, snapshot and restore them on the storage
 in the VMs. KWOK runs the pods and completes the Jobs (the lab has no kubelet).
 
 The operator is SIGKILLed as each phase begins and started again: the workload still
-reaches Succeeded, and every object exists once."""
+reaches Succeeded, and every object exists once. Then Debian's Prometheus scrapes every
+component's /metrics and a few series are read back through its HTTP API."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket as sockets
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from agents import NAMESPACE, POOL, agent_log
-from csi import controller, controller_log
-from helpers import Scenario
+import yaml
+from agents import (
+    AGENT_METRICS,
+    CONTROLLER_METRICS,
+    NAMESPACE,
+    NODE_METRICS,
+    NODES,
+    OPERATOR_METRICS,
+    POOL,
+    agent_log,
+)
+from csi import controller, controller_log, node_stub, start_node_plugin, stop_node_plugin
+from helpers import GPU0, Scenario
 
 from flashmesh.core import resources, workloads
 from flashmesh.core.pools import POOL_LABEL
+from flashmesh.csi_driver._proto import csi_pb2
 from flashmesh.csi_driver.controller import TOPOLOGY_KEY
 from flashmesh.kube import Kube
 from flashmesh.lab import processes
@@ -58,7 +74,8 @@ class Operator:
         log = (self.lab.workdir / "operator.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flashmesh.cli", "operator", "--kubeconfig",
-             str(self.cluster.kubeconfig), "--namespace", NAMESPACE, "--resync", "1"],
+             str(self.cluster.kubeconfig), "--namespace", NAMESPACE, "--resync", "1",
+             "--metrics-port", str(OPERATOR_METRICS)],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
@@ -88,7 +105,7 @@ def operator(
 ) -> Iterator[Operator]:
     socket = tmp_path_factory.mktemp("csi") / "controller.sock"
     kube = agents.kube
-    with controller(lab, agents, str(socket)):
+    with controller(lab, agents, str(socket), metrics=CONTROLLER_METRICS):
         for node, nqn in GPU_NODES.items():
             if kube.get("v1", "Node", node) is None:
                 driver = {"name": resources.CSI_DRIVER, "nodeID": nqn,
@@ -110,6 +127,12 @@ def operator(
         finally:
             running.stop()
             sidecars.stop()
+
+
+def free_port() -> int:
+    with sockets.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def stage(command: str, **extra: Any) -> dict[str, Any]:
@@ -220,3 +243,81 @@ def test_a_workload_walks_etl_training_inference_through_operator_kills(
         f"ETL -> Training (2 replicas on 2 GPU nodes) -> Inference -> Succeeded; operator "
         f"SIGKILLed {operator.kills} times; 5 PVCs, 2 snapshots, each made once"
     )
+
+
+PROMETHEUS = "/usr/bin/prometheus"  # Debian's prometheus package
+
+
+def query(base: str, promql: str) -> list[dict[str, Any]]:
+    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        body = json.loads(reply.read())
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def value(base: str, promql: str) -> float:
+    found = query(base, promql)
+    return float(found[0]["value"][1]) if found else float("nan")
+
+
+def test_prometheus_scrapes_every_component(
+    lab: Lab, operator: Operator, tmp_path: Any, scenario: Scenario
+) -> None:
+    """Debian's Prometheus scrapes the operator and the CSI controller (processes beside the
+    API server), the node plugin in a GPU VM and the agents in the storage VMs."""
+    start_node_plugin(lab, operator.cluster, GPU0.name)
+    node_stub(GPU0.address(0)).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=60)
+    targets = {
+        "operator": [f"127.0.0.1:{OPERATOR_METRICS}"],
+        "csi-controller": [f"127.0.0.1:{CONTROLLER_METRICS}"],
+        "csi-node": [f"{GPU0.address(0)}:{NODE_METRICS}"],
+        "agent": [f"{n.address(0)}:{AGENT_METRICS}" for n in NODES],
+    }
+    config = {
+        "global": {"scrape_interval": "2s", "scrape_timeout": "2s"},
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": hosts}]}
+            for job, hosts in targets.items()
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+
+        def all_up() -> bool:
+            try:
+                return value(base, "sum(up)") == 5
+            except OSError:
+                return False
+
+        up = processes.wait_until(all_up, 120, interval=1.0)
+        assert up, (
+            f"{query(base, 'up') if proc.poll() is None else ''}\n"
+            + (tmp_path / "prometheus.log").read_text()[-3000:]
+        )
+        # A few series, read back through Prometheus's HTTP API.
+        capacity = f'flashmesh_pool_capacity_bytes{{job="operator",pool="{POOL}"}}'
+        assert value(base, capacity) > 0
+        ops = 'sum(flashmesh_csi_operation_duration_seconds_count{job="csi-controller"})'
+        assert value(base, ops) > 0
+        info = ('flashmesh_csi_operation_duration_seconds_count'
+                '{job="csi-node",method="NodeGetInfo",code="OK"}')  # fmt: skip
+        assert value(base, info) >= 1
+        passes = "sum by (instance) (flashmesh_agent_reconcile_duration_seconds_count)"
+        assert len(query(base, passes)) == 2
+        thin = query(base, "flashmesh_agent_thin_pool_size_bytes")
+        assert len(thin) == 2 and all(float(t["value"][1]) > 0 for t in thin)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        stop_node_plugin(lab, GPU0.name)
+    scenario.done("Prometheus scraped the operator, the CSI controller, a node plugin, 2 agents")

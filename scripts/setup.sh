@@ -9,10 +9,13 @@ say() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 # The control plane and tests; then the kernel lab: QEMU, the initramfs tools, and the data
 # path's userland that the VMs share with the host (installed before any VM boots: the VMs
 # cache the host's files). lvm2 only recommends thin-provisioning-tools, which thin pools need.
+# prometheus: the lab runs its own, scraping every component (the packaged service is not
+# wanted and is stopped where systemd runs it).
 packages=(make openssl python3 python3-venv iproute2 ca-certificates curl
           qemu-system-x86 busybox-static cpio kmod xz-utils
           nvme-cli fio python3-pyverbs ibverbs-providers rdma-core
-          lvm2 thin-provisioning-tools mdadm xfsprogs e2fsprogs)
+          lvm2 thin-provisioning-tools mdadm xfsprogs e2fsprogs
+          prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,6 +26,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 command -v go >/dev/null || { say "Go 1.26 is needed to build the control plane (go not found)"; exit 1; }
