@@ -440,6 +440,7 @@ OPERATOR = {
     "persistentvolumeclaims": EDIT,
     "volumesnapshots.snapshot.storage.k8s.io": EDIT,
     "pods": GLW,
+    "nodes": GLW,
     "volumeattachments.storage.k8s.io": GLW,
     "events": {"create", "patch"},
     "customresourcedefinitions.apiextensions.k8s.io": GLW,

@@ -47,15 +47,24 @@ class Membership:
     claimed: dict[str, str] = field(default_factory=dict)  # selected, but in another pool
 
 
-def membership(pool: StoragePool, nodes: list[StorageNode], used: dict[str, int]) -> Membership:
+def membership(
+    pool: StoragePool,
+    nodes: list[StorageNode],
+    used: dict[str, int],
+    node_labels: dict[str, dict[str, str]] | None = None,
+) -> Membership:
     """Nodes the selector picks join when they are in no pool; members it no longer picks
-    leave once nothing of theirs is in use (until then they stay, and status says so)."""
+    leave once nothing of theirs is in use (until then they stay, and status says so).
+
+    The selector matches a StorageNode's labels over those of the Kubernetes Node of the
+    same name (node_labels), so `kubectl label node` is enough on a real cluster."""
     out = Membership()
     name = pool.metadata.name
     for node in sorted(nodes, key=lambda n: n.metadata.name):
         node_name = node.metadata.name
         current = node.spec.pool or ""
-        selected = matches(pool.spec.node_selector, node.metadata.labels)
+        labels = {**(node_labels or {}).get(node_name, {}), **(node.metadata.labels or {})}
+        selected = matches(pool.spec.node_selector, labels)
         if current == name:
             if selected:
                 out.members.append(node_name)

@@ -60,7 +60,11 @@ class PoolReconciler:
         volumes = [Volume.from_dict(o) for o in self.kube.list(API, "Volume")]
         snapshots = [Snapshot.from_dict(o) for o in self.kube.list(API, "Snapshot")]
         used = space_used(pools.pool_volumes(pool.metadata.name, volumes), snapshots)
-        members = pools.membership(pool, nodes, used)
+        node_labels = {
+            o["metadata"]["name"]: o["metadata"].get("labels") or {}
+            for o in self.kube.list("v1", "Node")
+        }
+        members = pools.membership(pool, nodes, used, node_labels)
         self._move_nodes(pool_obj, members)
         now = _now()
         health = {}
