@@ -81,6 +81,8 @@ def cluster(
         extra_addresses=extra,
         bind_all=network is not None,
         die_with_parent=True,
+        # The GPU VMs' nodes: their pods are run by the lab's kubelet stand-in.
+        stand_in_nodes=["gpu-0", "gpu-1"] if network else None,
     )
     lab.start()
     try:

@@ -17,6 +17,7 @@ import signal
 import socket as sockets
 import subprocess
 import sys
+import threading
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -36,16 +37,24 @@ from agents import (
     POOL,
     agent_log,
 )
-from csi import controller, controller_log, node_stub, start_node_plugin, stop_node_plugin
-from helpers import GPU0, Scenario
+from csi import (
+    controller,
+    controller_log,
+    node_log,
+    node_stub,
+    start_node_plugin,
+    stop_node_plugin,
+)
+from helpers import GPU0, GPU1, Scenario
 
 from flashmesh.core import resources, workloads
 from flashmesh.core.pools import POOL_LABEL
 from flashmesh.csi_driver._proto import csi_pb2
 from flashmesh.csi_driver.controller import TOPOLOGY_KEY
 from flashmesh.kube import Kube
-from flashmesh.lab import processes
+from flashmesh.lab import demo_workload, processes
 from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.kubelet import StandInKubelet
 from flashmesh.lab.sidecars import Sidecars
 from flashmesh.lab.vm import Lab
 
@@ -321,3 +330,63 @@ def test_prometheus_scrapes_every_component(
         log.close()
         stop_node_plugin(lab, GPU0.name)
     scenario.done("Prometheus scraped the operator, the CSI controller, a node plugin, 2 agents")
+
+
+def test_on_the_gpu_vms_the_pods_really_write_and_read_the_data(
+    lab: Lab, agents: LocalCluster, operator: Operator, scenario: Scenario
+) -> None:
+    """The lab's kubelet stand-in runs the pods bound to the GPU VMs' nodes: their volumes
+    staged and published by the node plugin in each VM over NVMe/TCP, their commands run
+    there. ETL writes a dataset, two replicas on two VMs check it read-only, inference
+    serves replica 0's checkpoint."""
+    kube = agents.kube
+    vms = [GPU0.name, GPU1.name]
+    kubelet = StandInKubelet(agents, lab, vms)
+    kubelet.register()
+    for vm in vms:
+        start_node_plugin(lab, agents, vm)
+    stop = threading.Event()
+    thread = threading.Thread(target=kubelet.run, args=(stop,), daemon=True)
+    thread.start()
+    name = "demo"
+    label = f"{workloads.WORKLOAD_LABEL}={name}"
+    try:
+        kube.create(demo_workload.workload(name, NS, POOL))
+
+        def served() -> bool:
+            pods = kube.list("v1", "Pod", NS, label)
+            return (
+                phase_of(kube, name) in ("Succeeded", "Failed")
+                and not demo_workload.verify(lab, NS, pods).problems
+            )
+
+        done = processes.wait_until(served, 900, interval=2.0)
+        pods = kube.list("v1", "Pod", NS, label)
+        verified = demo_workload.verify(lab, NS, pods)
+        assert done and phase_of(kube, name) == "Succeeded", (
+            f"{phase_of(kube, name)}: {verified.problems}\n{operator.log()}\n"
+            f"{node_log(lab, GPU0.name)}\n{controller_log(lab)}"
+        )
+        assert not verified.problems, verified.problems
+        trainers = [p for p in pods if p["metadata"]["labels"].get(workloads.STAGE_LABEL)
+                    == "training"]  # fmt: skip
+        assert sorted(p["spec"]["nodeName"] for p in trainers) == sorted(vms)
+        assert all(p["status"]["phase"] == "Succeeded" for p in trainers)
+    finally:
+        kube.delete(API, "TrainingWorkload", name, NS)
+        # The inference pod goes with its Deployment: its command is killed, its volume
+        # unmounted, and every volume of the workload deleted down to its segments.
+        left = processes.wait_until(
+            lambda: not kube.list("v1", "PersistentVolumeClaim", NS, label), 300
+        )
+        stop.set()
+        thread.join(60)
+        for vm in vms:
+            stop_node_plugin(lab, vm)
+    assert left, kube.list("v1", "PersistentVolumeClaim", NS, label)
+    scenario.done("stand-in kubelet: " + " | ".join(verified.lines))
+
+
+def phase_of(kube: Kube, name: str) -> str:
+    found = kube.get(API, "TrainingWorkload", name, NS) or {}
+    return str((found.get("status") or {}).get("phase") or "")

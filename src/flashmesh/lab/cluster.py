@@ -33,6 +33,7 @@ KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 # kube-controller-manager's attach/detach controller only handles nodes that carry this
 # (a kubelet sets it; KWOK nodes have no kubelet).
 ATTACH_DETACH_ANNOTATION = "volumes.kubernetes.io/controller-managed-attach-detach"
+LAB_STAGES = Path(__file__).parent / "kwok" / "pod-finish.yaml"
 KWOK_STAGES = (
     "node/fast/node-initialize.yaml",
     "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
@@ -69,6 +70,7 @@ class ClusterState:
     pids: dict[str, int] = field(default_factory=dict)
     executables: dict[str, str] = field(default_factory=dict)
     bind_all: bool = False
+    stand_in_nodes: list[str] = field(default_factory=list)
 
 
 class LocalCluster:
@@ -79,14 +81,17 @@ class LocalCluster:
         extra_addresses: list[str] | None = None,
         die_with_parent: bool = True,
         bind_all: bool = False,
+        stand_in_nodes: list[str] | None = None,
     ) -> None:
         """extra_addresses are more addresses the apiserver's certificate is valid for.
         bind_all makes the apiserver listen on every address: only inside the lab's own
-        network namespace, where VMs reach it on the bridge addresses."""
+        network namespace, where VMs reach it on the bridge addresses. stand_in_nodes are
+        the lab VMs' nodes, whose pods the kubelet stand-in runs and finishes."""
         self.workdir = workdir.resolve()
         self.state = ClusterState(
-            str(self.workdir), address, list(extra_addresses or []), bind_all=bind_all
-        )
+            str(self.workdir), address, list(extra_addresses or []), bind_all=bind_all,
+            stand_in_nodes=list(stand_in_nodes or []),
+        )  # fmt: skip
         self.die_with_parent = die_with_parent
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._kube: Kube | None = None
@@ -380,11 +385,24 @@ class LocalCluster:
             "kube-scheduler",
         )
 
+    def _stages(self, bins: Binaries) -> str:
+        """Upstream's fast stages, except that KWOK completes no Job pod on a node of the
+        lab's kubelet stand-in: those finish when the stand-in marks them (lab stages)."""
+        docs = [yaml.safe_load((bins.kwok_stages / s).read_text()) for s in KWOK_STAGES]
+        if self.state.stand_in_nodes:
+            for doc in docs:
+                if doc["metadata"]["name"] == "pod-complete":
+                    doc["spec"]["selector"]["matchExpressions"].append(
+                        {"key": ".spec.nodeName", "operator": "NotIn",
+                         "values": list(self.state.stand_in_nodes)}
+                    )  # fmt: skip
+        docs += list(yaml.safe_load_all(LAB_STAGES.read_text()))
+        return yaml.safe_dump_all(docs)
+
     def _start_kwok(self, bins: Binaries) -> None:
         a, p = self.state.address, self.state.ports
-        stages = "---\n".join((bins.kwok_stages / s).read_text() for s in KWOK_STAGES)
         config = self.workdir / "kwok-stages.yaml"
-        config.write_text(stages)
+        config.write_text(self._stages(bins))
         say("starting kwok")
         self._spawn(
             "kwok",
