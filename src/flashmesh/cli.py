@@ -153,8 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--dir", help="the cluster's folder (default: in the lab cache)")
     cluster.add_argument("--nodes", type=int, default=0, help="KWOK nodes to add on `up`")
 
-    demo = lab_sub.add_parser("demo", help="bring up the local cluster, install FlashMesh, show it")
-    demo.add_argument("--dir", help="the cluster's folder (default: in the lab cache)")
+    demo = lab_sub.add_parser(
+        "demo",
+        help="FlashMesh end to end: control plane, VMs, a TrainingWorkload's data path (root)",
+    )
+    demo.add_argument(
+        "--cluster-only", action="store_true",
+        help="only the control plane with KWOK nodes, the CRDs and the samples (no VMs, no root)",
+    )  # fmt: skip
+    kubelet = lab_sub.add_parser(
+        "kubelet",
+        help="the lab's kubelet STAND-IN: runs the pods of lab VMs' nodes in the VMs",
+    )
+    kubelet.add_argument("--node", action="append", required=True, help="a lab VM; repeatable")
+    kubelet.add_argument("--cluster-dir", help="the cluster's folder (default: the lab cache)")
+    demo.add_argument("--dir", help="the demo's folder (default: in the lab cache)")
 
     up = lab_sub.add_parser("up", help="boot the VM lab: storage and GPU VMs on Debian's kernel")
     up.add_argument("--storage", type=int, default=2, help="storage VMs (default 2)")

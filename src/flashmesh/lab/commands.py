@@ -21,12 +21,42 @@ def default_dir() -> Path:
     return cache_dir() / "lab" / "cluster"
 
 
+def default_demo_dir() -> Path:
+    return cache_dir() / "lab" / "demo"
+
+
+def _kubelet(args: argparse.Namespace) -> int:
+    """The kubelet stand-in for a running lab and cluster, until interrupted."""
+    import threading
+
+    from flashmesh.lab.kubelet import StandInKubelet
+
+    lab = Lab.load(Path(args.dir) if args.dir else default_lab_dir())
+    lab.net.enter()  # the node plugins listen on the VMs' addresses
+    cluster = LocalCluster.load(Path(args.cluster_dir) if args.cluster_dir else default_dir())
+    kubelet = StandInKubelet(cluster, lab, args.node)
+    kubelet.register()
+    say(f"kubelet stand-in running for {', '.join(args.node)} (Ctrl-C stops it)")
+    stop = threading.Event()
+    try:
+        kubelet.run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.lab_command == "cluster":
             return _cluster(args)
         if args.lab_command == "demo":
-            return demo(Path(args.dir) if args.dir else default_dir())
+            if args.cluster_only:
+                return demo(Path(args.dir) if args.dir else default_dir())
+            from flashmesh.lab import demo as full_demo
+
+            return full_demo.main(Path(args.dir) if args.dir else default_demo_dir())
+        if args.lab_command == "kubelet":
+            return _kubelet(args)
         return _vm_lab(args)
     except (ClusterError, LabError) as exc:
         print(f"flashmesh lab: {exc}", file=sys.stderr)

@@ -136,6 +136,8 @@ class StandInKubelet:
         for vm in self.nodes:
             self._in_use[vm] = set()
             if self.kube.get("v1", "Node", vm) is None:
+                # A CSINode left without its Node is made again, owned by the new Node.
+                self.kube.delete("storage.k8s.io/v1", "CSINode", vm)
                 driver = {"name": resources.CSI_DRIVER, "nodeID": host_nqn(vm),
                           "topologyKeys": [TOPOLOGY_KEY]}  # fmt: skip
                 self.cluster.add_fake_node(vm, labels=labels, gpus=gpus, csi_drivers=[driver])
