@@ -14,6 +14,8 @@ from flashmesh.operator.handlers import OperatorConfig, build_registry
 
 def run(config: OperatorConfig, metrics_port: int | None, liveness: str | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # kopf says "succeeded" for every timer tick; its warnings and errors are what matter.
+    logging.getLogger("kopf").setLevel(logging.WARNING)
     metrics.serve(metrics_port)
     registry = build_registry(config)
     asyncio.run(
