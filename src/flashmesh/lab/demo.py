@@ -175,6 +175,7 @@ def main(workdir: Path) -> int:
         stop = threading.Event()
         thread = threading.Thread(target=kubelet.run, args=(stop,), daemon=True)
         thread.start()
+        down.callback(thread.join, 180)  # (callbacks run last first: stop, then join)
         down.callback(stop.set)
         verified = run_workload(cluster, lab)
         print("\nWhat the workload's pods printed (their commands ran in the GPU VMs, run by the")

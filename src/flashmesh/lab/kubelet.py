@@ -121,6 +121,7 @@ class StandInKubelet:
     _runs: dict[str, PodRun] = field(default_factory=dict)
     _in_use: dict[str, set[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
 
     @property
     def kube(self) -> Kube:
@@ -165,8 +166,12 @@ class StandInKubelet:
             except KubeError as exc:
                 log.warning("stand-in kubelet: %s", exc)
             stop.wait(self.poll)
+        # Every running pod's command killed and its volumes unmounted before returning,
+        # so the VMs can go down cleanly after.
         for run in self._runs.values():
             run.stop.set()
+        for thread in self._threads:
+            thread.join(120)
 
     def step(self) -> None:
         pods = [p for p in self.kube.list("v1", "Pod") if p["spec"].get("nodeName") in self.nodes]
@@ -184,7 +189,9 @@ class StandInKubelet:
                 continue
             run = PodRun(meta["namespace"], meta["name"], uid, pod["spec"]["nodeName"])
             self._runs[uid] = run
-            threading.Thread(target=self._pod, args=(pod, run), daemon=True).start()
+            thread = threading.Thread(target=self._pod, args=(pod, run), daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     # --- one pod ----------------------------------------------------------------------
 
