@@ -81,8 +81,12 @@ def operator(crds: LocalCluster) -> Iterator[Kube]:
         kube.patch(API, "StorageNode", node, {"status": node_status(size)}, subresource="status")
         beat(kube, node)
     registry = build_registry(OperatorConfig(NS, resync=1.0, kubeconfig=str(crds.kubeconfig)))
-    with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=registry) as runner:
-        yield kube
+    # kopf logs in with $KUBECONFIG: set for this module only, so no later process of the
+    # session (a demo with its own cluster) inherits it.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KUBECONFIG", str(crds.kubeconfig))
+        with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=registry) as runner:
+            yield kube
     for obj in policy:
         kube.delete(obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
     assert runner.exit_code == 0, runner.output

@@ -21,11 +21,15 @@ def _die_with_parent() -> None:
 
 
 def spawn(argv: list[str], log: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
-    """Starts a server in its own session, stdout and stderr to its log file."""
+    """Starts a server in its own session, stdout and stderr to its log file. Without
+    $KUBECONFIG: client-go prefers it to --kubeconfig, and a lab process must talk to the
+    cluster it is given, not to whichever the caller's environment names."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     with log.open("ab") as out:
         return subprocess.Popen(
             argv,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -7,7 +7,6 @@ pool changing: level-triggered, so a restarted operator simply carries on."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
@@ -41,9 +40,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        """In a pod, its service account; elsewhere the kubeconfig (KUBECONFIG)."""
-        if config.kubeconfig:
-            os.environ["KUBECONFIG"] = config.kubeconfig
+        """In a pod, its service account; elsewhere the kubeconfig in $KUBECONFIG (which
+        `flashmesh operator --kubeconfig` sets in its own process)."""
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import kopf
 
@@ -16,6 +17,8 @@ def run(config: OperatorConfig, metrics_port: int | None, liveness: str | None) 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # kopf says "succeeded" for every timer tick; its warnings and errors are what matter.
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    if config.kubeconfig:  # kopf's login reads $KUBECONFIG; this process is the operator's
+        os.environ["KUBECONFIG"] = config.kubeconfig
     metrics.serve(metrics_port)
     registry = build_registry(config)
     asyncio.run(
