@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,24 @@ from helpers import (
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.netns import bridge_address
-from flashmesh.lab.vm import Lab, VmDied, VmSpec, host_nqn
+from flashmesh.lab.vm import Lab, LabError, VmDied, VmSpec, host_nqn
 
 pytestmark = pytest.mark.kernel
 
 # Not FlashMesh's NQN prefix: these hand-made exports are no business of its planner.
 NQN = "nqn.2026-11.dev.lab:"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _exports_removed_at_the_end(lab: Lab) -> Iterator[None]:
+    """The hand-made exports go when the module ends: the storage agents of later
+    scenarios serve on the same addresses."""
+    yield
+    for vm in (STORAGE0.name, STORAGE1.name):
+        with contextlib.suppress(LabError):
+            sh(lab, vm, f"nvmet_clear {NQN}")
+
+
 GPU = GPU0.name
 # nvmet ports on storage-0: TCP on each link, RDMA on link 0; storage-1: TCP on link 0.
 TCP0 = f"1 tcp {STORAGE0.address(0)} 4420"

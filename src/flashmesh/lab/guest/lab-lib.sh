@@ -101,3 +101,24 @@ path_states() {
     done
   done | sort
 }
+
+# nvmet_clear PREFIX: every subsystem whose NQN starts with PREFIX unexported and
+# removed, with the ports that only they used; FlashMesh's own (another prefix) untouched.
+# Scenarios call it when they end, so an address they bound is free for the next one.
+nvmet_clear() {
+  local prefix=$1 p l s
+  [ -d $NVMET ] || return 0
+  for p in $NVMET/ports/*; do
+    [ -d "$p" ] || continue
+    local ours=0
+    for l in "$p"/subsystems/"$prefix"*; do [ -L "$l" ] && { rm "$l"; ours=1; }; done
+    [ $ours = 1 ] && [ -z "$(ls "$p/subsystems")" ] && rmdir "$p"
+  done
+  for s in $NVMET/subsystems/"$prefix"*; do
+    [ -d "$s" ] || continue
+    for l in "$s"/allowed_hosts/*; do [ -L "$l" ] && rm "$l"; done
+    [ -d "$s/namespaces/1" ] && { echo 0 > "$s/namespaces/1/enable"; rmdir "$s/namespaces/1"; }
+    rmdir "$s"
+  done
+  return 0
+}
