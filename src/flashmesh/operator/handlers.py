@@ -10,8 +10,9 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
@@ -24,6 +25,7 @@ from flashmesh.operator.workloads import WorkloadReconciler
 GROUP = resources.GROUP
 VERSION = resources.VERSION
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,20 +59,23 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     # reconcile of a pool at a time, so a change is decided and announced once.
     locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 
-    def reconcile(body: kopf.Body) -> None:
-        name = body["metadata"]["name"]
+    def one_at_a_time(kind: str, key: str, work: Callable[[], T]) -> T:
+        """work under the object's lock, its duration observed by kind and outcome."""
         begin = time.monotonic()
         outcome = "error"
         try:
-            with locks[name]:
-                report = reconciler.reconcile(name)
+            with locks[key]:
+                result = work()
             outcome = "ok"
-            if report is not None:
-                metrics.record_pool(name, report.status, report.volume_phases)
+            return result
         finally:
-            metrics.RECONCILE_SECONDS.labels("StoragePool", outcome).observe(
-                time.monotonic() - begin
-            )
+            metrics.RECONCILE_SECONDS.labels(kind, outcome).observe(time.monotonic() - begin)
+
+    def reconcile(body: kopf.Body) -> None:
+        name = body["metadata"]["name"]
+        report = one_at_a_time("StoragePool", name, lambda: reconciler.reconcile(name))
+        if report is not None:
+            metrics.record_pool(name, report.status, report.volume_phases)
 
     @kopf.on.resume(GROUP, VERSION, "storagepools", registry=registry)
     @kopf.on.create(GROUP, VERSION, "storagepools", registry=registry)
@@ -101,18 +106,13 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     def reconcile_workload(body: kopf.Body) -> None:
         name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-        begin = time.monotonic()
-        outcome = "error"
-        try:
-            with locks[f"{namespace}/{name}"]:
-                decision = workload_reconciler.reconcile(name, namespace)
-            outcome = "ok"
-            if decision is not None:
-                metrics.record_workload(namespace, name, decision.phase)
-        finally:
-            metrics.RECONCILE_SECONDS.labels("TrainingWorkload", outcome).observe(
-                time.monotonic() - begin
-            )
+        decision = one_at_a_time(
+            "TrainingWorkload",
+            f"{namespace}/{name}",
+            lambda: workload_reconciler.reconcile(name, namespace),
+        )
+        if decision is not None:
+            metrics.record_workload(namespace, name, decision.phase)
 
     @kopf.on.resume(GROUP, VERSION, "trainingworkloads", registry=registry)
     @kopf.on.create(GROUP, VERSION, "trainingworkloads", registry=registry)
