@@ -177,6 +177,15 @@ def test_what_is_not_flashmeshs_is_left_alone() -> None:
     assert "ports/1" not in touched
 
 
+def test_a_host_entry_flashmesh_never_linked_is_left_alone() -> None:
+    # Another tool makes hosts/<nqn> and links it a moment later: the agent must not race it.
+    observed = target([subsystem()], [port()], hosts=(HOST_A, HOST_B))
+    assert plan(DESIRED, observed) == []
+    removed = {a.path for a in plan(target([], [], hosts=()), observed) if a.op == "rmdir"}
+    assert f"hosts/{HOST_A}" in removed  # FlashMesh linked it: it goes with the subsystem
+    assert f"hosts/{HOST_B}" not in removed
+
+
 def test_only_flashmesh_names_and_ports_can_be_desired() -> None:
     with pytest.raises(ValueError, match="ids from"):
         plan(target([subsystem()], [port(port_id=1)]), Target())
@@ -204,7 +213,7 @@ def test_applying_a_plan_then_planning_again_has_nothing_to_do(tmp_path: Path) -
         target([subsystem(namespaces={1: namespace("/dev/fm/b")})], [port(traddr="10.77.1.1")]),
         target([subsystem(hosts=(HOST_B,))], [port()], hosts=(HOST_B,)),
         target([subsystem()], [port(ana_states={1: "optimized", 2: "inaccessible"})]),
-        target([], []),
+        target([], [], hosts=()),
     ],
     ids=[
         "add a subsystem",

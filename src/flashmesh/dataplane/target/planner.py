@@ -210,7 +210,17 @@ def _ports(desired: Target, observed: Target) -> list[Action]:
 
 
 def _remove_hosts(desired: Target, observed: Target) -> list[Action]:
-    """Host entries nobody links any more and FlashMesh no longer wants: their keys go too."""
+    """Host entries FlashMesh linked and nobody will link any more: their keys go too.
+
+    An entry no FlashMesh subsystem links is left alone, even when nothing links it: it may
+    be another tool's, made a moment before that tool links it.
+    """
+    ours = {
+        host
+        for nqn, sub in observed.subsystems.items()
+        if is_flashmesh_nqn(nqn)
+        for host in sub.allowed_hosts
+    }
     still_linked = {
         host
         for nqn, sub in observed.subsystems.items()
@@ -221,5 +231,5 @@ def _remove_hosts(desired: Target, observed: Target) -> list[Action]:
         still_linked |= sub.allowed_hosts
     return [
         Action("rmdir", host_path(nqn))
-        for nqn in sorted(observed.hosts.keys() - desired.hosts.keys() - still_linked)
+        for nqn in sorted((observed.hosts.keys() & ours) - desired.hosts.keys() - still_linked)
     ]
