@@ -10,8 +10,8 @@ setup:
 	bash scripts/setup.sh
 
 lint:
-	$(BIN)/ruff check src tests e2e conftest.py
-	$(BIN)/ruff format --check src tests e2e conftest.py
+	$(BIN)/ruff check src tests e2e bench conftest.py
+	$(BIN)/ruff format --check src tests e2e bench conftest.py
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

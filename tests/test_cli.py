@@ -7,12 +7,15 @@ import pytest
 from flashmesh import cli
 
 
-@pytest.mark.parametrize("command", ["bench"])
-def test_unbuilt_subcommands_say_so_and_fail(
-    command: str, capsys: pytest.CaptureFixture[str]
+def test_bench_lists_its_benchmarks_and_refuses_an_unknown_one(
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli.main([command]) == cli.NOT_BUILT
-    assert "not built yet" in capsys.readouterr().err
+    assert cli.main(["bench", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "operator-scale" in names and "provisioning" in names
+    assert cli.main(["bench", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark(s) nonsense" in err and "operator-scale" in err
 
 
 def test_vm_lab_commands_on_a_folder_with_no_lab(

@@ -3,7 +3,8 @@
 # modules, through the module proxy, into a cache outside the repository ($FLASHMESH_CACHE,
 # default ~/.cache/flashmesh), one folder per component and version. A folder that is
 # complete is reused; nothing is rebuilt.
-#   usage: tools/build.sh [k8s|etcd|kwok|csi|sanity|helm ...]   (default: all)
+#   usage: tools/build.sh [k8s|etcd|kwok|csi|sanity|helm|mock ...]
+#   (default: all but mock, which only the benchmarks use)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -118,6 +119,17 @@ build_helm() {
   GOBIN="$OUT" go install -ldflags="$ldf" "$p/cmd/helm@$v"
 }
 
+# csi-test's mock driver, pinned by tools/mockdriver/go.mod (csi-test v3 is the last with it).
+build_mock() {
+  local m=github.com/kubernetes-csi/csi-test/v3 got
+  got=$(cd "$here/mockdriver" && go list -m -f '{{.Version}}' "$m") || return 1
+  if [ "$got" != "$CSI_MOCK_DRIVER_VERSION" ]; then
+    echo "tools/mockdriver/go.mod has $m $got, versions.env says $CSI_MOCK_DRIVER_VERSION" >&2
+    return 1
+  fi
+  (cd "$here/mockdriver" && go build -ldflags="-s -w" -o "$OUT/mock-driver" "$m/cmd/mock-driver")
+}
+
 # The CSI folder is named after every release it holds.
 csi_dir="$cache/bin/csi-provisioner-$CSI_PROVISIONER_VERSION-attacher-$CSI_ATTACHER_VERSION"
 csi_dir="$csi_dir-resizer-$CSI_RESIZER_VERSION-snapshotter-$CSI_SNAPSHOTTER_VERSION"
@@ -135,7 +147,9 @@ for t in "${targets[@]}"; do
     sanity) run_build csi-sanity "$cache/bin/csi-sanity-$CSI_SANITY_VERSION" csi-sanity \
             -- build_sanity ;;
     helm) run_build helm "$cache/bin/helm-$HELM_VERSION" helm -- build_helm ;;
-    *) echo "tools/build.sh: unknown target '$t' (use k8s, etcd, kwok, csi, sanity or helm)" >&2
+    mock) run_build csi-mock-driver "$cache/bin/csi-mock-driver-$CSI_MOCK_DRIVER_VERSION" \
+            mock-driver -- build_mock ;;
+    *) echo "tools/build.sh: unknown target '$t' (use k8s, etcd, kwok, csi, sanity, helm or mock)" >&2
        exit 2 ;;
   esac
 done

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-
-NOT_BUILT = 3  # exit code of a subcommand that is not built yet
-
-
-def _not_built(what: str) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"flashmesh {what}: not built yet in this version of FlashMesh", file=sys.stderr)
-        return NOT_BUILT
-
-    return run
+from collections.abc import Sequence
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -57,6 +47,33 @@ def _status(args: argparse.Namespace) -> int:
     from flashmesh import status
 
     return status.main(args.kubeconfig)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # The benchmarks live in the checkout's bench/ folder beside src/: a development tool.
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "runner.py").is_file():
+        print(f"flashmesh bench: no bench/ folder at {root}: run it from a FlashMesh checkout",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    sys.path.insert(0, str(root))
+    runner = importlib.import_module("bench.runner")
+    if args.list:
+        print("\n".join(runner.BENCHMARKS))
+        return 0
+    try:
+        names = runner.resolve(args.names)
+    except ValueError as e:
+        print(f"flashmesh bench: {e}", file=sys.stderr)
+        return 2
+    from flashmesh.lab.binaries import cache_dir
+
+    workdir = Path(args.dir) if args.dir else cache_dir() / "bench"
+    _, results = runner.run(names, workdir)
+    return 1 if any(r.error for r in results) else 0
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -135,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--kubeconfig", help="default: $KUBECONFIG or ~/.kube/config")
     status.set_defaults(func=_status)
 
-    for name, help_text in [
-        ("bench", "run the benchmarks"),
-    ]:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_not_built(name))
+    bench = sub.add_parser(
+        "bench", help="run benchmarks against same-run baselines (from a checkout; root for VMs)"
+    )
+    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run, or all")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks")
+    bench.add_argument("--dir", help="working folder (default: in the lab cache)")
+    bench.set_defaults(func=_bench)
 
     lab = sub.add_parser(
         "lab", help="the local lab: a real control plane (and VMs) on this machine"

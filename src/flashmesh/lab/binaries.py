@@ -147,3 +147,13 @@ def ensure_csi() -> CsiTools:
     say("building the CSI sidecars, csi-sanity and helm from Go modules (cold: minutes)")
     subprocess.run(["bash", str(TOOLS / "build.sh"), "csi", "sanity", "helm"], check=True)
     return locate_csi()
+
+
+def ensure_mock_driver() -> Path:
+    """csi-test's mock CSI driver (a driver that does no storage work), built if missing."""
+    path = cache_dir() / "bin" / f"csi-mock-driver-{versions()['CSI_MOCK_DRIVER_VERSION']}"
+    binary = path / "mock-driver"
+    if not binary.is_file():
+        say("building csi-test's mock CSI driver from its Go module")
+        subprocess.run(["bash", str(TOOLS / "build.sh"), "mock"], check=True)
+    return binary

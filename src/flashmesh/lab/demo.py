@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,10 @@ API = resources.API_VERSION
 NAMESPACE = "flashmesh-system"
 POOL = "demo"
 WORKLOAD = "demo"
-STORAGE = [VmSpec(f"storage-{i}", 1 + i, drives=(Drive(1024),), memory_mib=384) for i in range(2)]
-GPUS = [VmSpec(f"gpu-{i}", 3 + i) for i in range(2)]
+STORAGE = tuple(
+    VmSpec(f"storage-{i}", 1 + i, drives=(Drive(1024),), memory_mib=384) for i in range(2)
+)
+GPUS = tuple(VmSpec(f"gpu-{i}", 3 + i) for i in range(2))
 PYTHON = sys.executable
 
 
@@ -41,17 +43,10 @@ def _process(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     return processes.spawn(argv, log, die_with_parent=True)
 
 
-def _end(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextmanager
-def stack(workdir: Path) -> Iterator[tuple[LocalCluster, Lab]]:
+def stack(
+    workdir: Path, storage: Sequence[VmSpec] = STORAGE, gpus: Sequence[VmSpec] = GPUS
+) -> Iterator[tuple[LocalCluster, Lab]]:
     """The whole lab, up; torn down when the block ends."""
     with ExitStack() as down:
         network = LabNetwork(links=1)
@@ -61,33 +56,40 @@ def stack(workdir: Path) -> Iterator[tuple[LocalCluster, Lab]]:
         say("starting the control plane (etcd, apiserver, controller-manager, scheduler, kwok)")
         cluster = LocalCluster(
             workdir / "cluster", extra_addresses=[bridge_address(0)], bind_all=True,
-            stand_in_nodes=[g.name for g in GPUS],
+            stand_in_nodes=[g.name for g in gpus],
         )  # fmt: skip
         cluster.start()
         down.callback(cluster.stop)
         install_crds(cluster)
         install_admission_policy(cluster)
-        say("booting 4 VMs on Debian's kernel (software emulation: a few minutes)")
+        specs = [*storage, *gpus]
+        say(f"booting {len(specs)} VMs on Debian's kernel (software emulation: a few minutes)")
         lab = Lab(workdir / "vms", network=network)
         down.callback(lab.down)
-        lab.up([*STORAGE, *GPUS])
+        lab.up(specs)
         yield cluster, lab
 
 
-def start_components(cluster: LocalCluster, lab: Lab, down: ExitStack) -> None:
+def start_components(
+    cluster: LocalCluster,
+    lab: Lab,
+    down: ExitStack,
+    storage: Sequence[VmSpec] = STORAGE,
+    gpus: Sequence[VmSpec] = GPUS,
+) -> None:
     kube = cluster.kube
     kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
     (lab.workdir / "agent.kubeconfig").write_text(cluster.portable_kubeconfig(bridge_address(0)))
     common = f"--kubeconfig /lab/agent.kubeconfig --namespace {NAMESPACE}"
     storage_label = {"flashmesh.dev/storage": "true"}
-    for spec in STORAGE:
+    for spec in storage:
         kube.create({"apiVersion": API, "kind": "StorageNode",
                      "metadata": {"name": spec.name, "labels": storage_label}})  # fmt: skip
         say(f"starting the storage agent in {spec.name}")
         lab.spawn(spec.name, f"exec {PYTHON} -m flashmesh.cli agent --node {spec.name} "
                              f"--address {spec.address(0)} {common} --interval 1 "
                              f"--metrics-port 9813 >> /lab/agent-{spec.name}.log 2>&1")  # fmt: skip
-    for spec in GPUS:
+    for spec in gpus:
         say(f"starting the CSI node plugin in {spec.name}")
         endpoints = f"--endpoint unix:///run/csi/csi.sock --endpoint 0.0.0.0:{NODE_PORT}"
         out = f">> /lab/csi-node-{spec.name}.log 2>&1"
@@ -103,7 +105,7 @@ def start_components(cluster: LocalCluster, lab: Lab, down: ExitStack) -> None:
          "--namespace", NAMESPACE, "--metrics-port", "9811"],
         logs / "csi-controller.log",
     )  # fmt: skip
-    down.callback(_end, controller)
+    down.callback(processes.end, controller)
     if not processes.wait_until(socket.is_socket, 120):
         raise RuntimeError(f"the CSI controller did not start: see {logs / 'csi-controller.log'}")
     sidecars = Sidecars(cluster, socket, logs)
@@ -114,7 +116,7 @@ def start_components(cluster: LocalCluster, lab: Lab, down: ExitStack) -> None:
          "--namespace", NAMESPACE, "--resync", "2", "--metrics-port", "9810"],
         logs / "operator.log",
     )  # fmt: skip
-    down.callback(_end, operator)
+    down.callback(processes.end, operator)
 
 
 def wait_for(what: str, condition: Any, timeout: float) -> None:

@@ -20,12 +20,15 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def spawn(argv: list[str], log: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
-    """Starts a server in its own session, stdout and stderr to its log file. Without
-    $KUBECONFIG: client-go prefers it to --kubeconfig, and a lab process must talk to the
-    cluster it is given, not to whichever the caller's environment names."""
+def spawn(
+    argv: list[str], log: Path, die_with_parent: bool, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts a server in its own session, stdout and stderr to its log file, with env
+    added to this process's environment. Without $KUBECONFIG: client-go prefers it to
+    --kubeconfig, and a lab process must talk to the cluster it is given, not to whichever
+    the caller's environment names."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env = {**{k: v for k, v in os.environ.items() if k != "KUBECONFIG"}, **(env or {})}
     with log.open("ab") as out:
         return subprocess.Popen(
             argv,
@@ -46,6 +49,16 @@ def is_ours(pid: int, executable: str) -> bool:
         return False
     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     return exe.removesuffix(" (deleted)") == executable and state != "Z"
+
+
+def end(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Ends a process this one started: SIGTERM, then SIGKILL after the timeout."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def stop(pid: int, executable: str, timeout: float = 20.0) -> None:

@@ -1,0 +1,83 @@
+"""Runs benchmarks by name, then writes bench/results/<timestamp>.json and
+docs/benchmarks.md. A benchmark that fails is recorded as failed and the run goes on."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.report import Result, markdown, to_json
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+
+# name -> module with `run(workdir: Path) -> Result`, in the order `all` runs them.
+BENCHMARKS = {
+    "operator-scale": "bench.operator_scale",
+    "provisioning": "bench.provisioning",
+}
+
+
+def machine() -> dict[str, object]:
+    mem_kib = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    cores = os.cpu_count() or 0
+    gib = round(mem_kib / 2**20)
+    return {
+        "cores": cores,
+        "memory_gib": gib,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "description": f"{cores} cores, {gib} GiB, Linux {platform.release()}; "
+        "lab VMs are QEMU with software emulation (TCG), so their CPUs are slow",
+    }
+
+
+def resolve(names: Sequence[str]) -> list[str]:
+    """`all` or known names, in run order; an unknown name is a ValueError naming the known."""
+    if list(names) == ["all"] or not names:
+        return list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(
+            f"unknown benchmark(s) {', '.join(unknown)}: choose from {', '.join(BENCHMARKS)} or all"
+        )
+    return [n for n in BENCHMARKS if n in names]
+
+
+def run(
+    names: Sequence[str], workdir: Path, say: Callable[[str], None] = print
+) -> tuple[Path, list[Result]]:
+    """Runs them; returns the JSON file written and the results."""
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+    results: list[Result] = []
+    for name in resolve(names):
+        say(f"benchmark {name}: running")
+        module = importlib.import_module(BENCHMARKS[name])
+        try:
+            result: Result = module.run(workdir / name)
+        except Exception as e:  # recorded, so the other benchmarks still run
+            traceback.print_exc()
+            result = Result(name, name, error=f"{type(e).__name__}: {e}")
+        results.append(result)
+        say(f"benchmark {name}: {'FAILED' if result.error else 'done'}")
+    host = machine()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{started}.json"
+    out.write_text(json.dumps(to_json(results, host, started), indent=2) + "\n")
+    say(f"results: {out}")
+    if [r.name for r in results] == list(BENCHMARKS):  # the page shows whole runs only
+        PAGE.parent.mkdir(parents=True, exist_ok=True)
+        PAGE.write_text(markdown(results, host, started) + "\n")
+        say(f"table: {PAGE}")
+    return out, results

@@ -1,0 +1,66 @@
+"""The benchmarks' arithmetic and their record: percentiles, ratios, JSON, the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import runner
+from bench.report import Comparison, Result, from_json, markdown, percentile, to_json
+
+MACHINE = {"description": "2 cores, 24 GiB"}
+
+
+@pytest.mark.parametrize(
+    ("samples", "q", "expected"),
+    [
+        ([5.0], 50, 5.0),
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.5),
+        ([4.0, 1.0, 3.0, 2.0], 0, 1.0),
+        ([4.0, 1.0, 3.0, 2.0], 100, 4.0),
+        ([float(i) for i in range(1, 101)], 95, 95.05),
+    ],
+)
+def test_percentiles_interpolate_between_ranks(samples: list[float], q: float,
+                                               expected: float) -> None:  # fmt: skip
+    assert percentile(samples, q) == pytest.approx(expected)
+
+
+def test_a_percentile_of_nothing_or_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="no samples"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match=r"outside 0\.\.100"):
+        percentile([1.0], 101)
+
+
+def test_a_ratio_needs_a_baseline() -> None:
+    assert Comparison("p50", "ms", 30.0, 10.0).ratio == pytest.approx(3.0)
+    assert Comparison("RSS", "MiB", 30.0).ratio is None
+    assert Comparison("x", "s", 1.0, 0.0).ratio is None
+
+
+def test_results_survive_json_and_make_a_table() -> None:
+    ok = Result("provisioning", "Provisioning", baseline="csi-driver-host-path")
+    ok.add("PVC to Bound p50", "s", 2.0, 0.5)
+    ok.add("PVCs per second", "1/s", 4.0, 16.0, better="higher")
+    ok.notes.append("100 PVCs at once")
+    failed = Result("attach", "Attach", error="RuntimeError: no VM")
+    doc = json.loads(json.dumps(to_json([ok, failed], MACHINE, "2026-11-27T00-00-00Z")))
+    assert doc["results"][0]["comparisons"][0]["ratio"] == pytest.approx(4.0)
+    assert from_json(doc) == [ok, failed]
+    page = markdown(from_json(doc), MACHINE, "2026-11-27T00-00-00Z")
+    assert "2 cores, 24 GiB" in page
+    assert "| PVC to Bound p50 (s) | 2.00 | 0.5 | 4.00x (lower is better) |" in page
+    assert "| PVCs per second (1/s) | 4.00 | 16.00 | 0.25x (higher is better) |" in page
+    assert "- 100 PVCs at once" in page
+    assert "**Failed:** RuntimeError: no VM" in page
+
+
+def test_benchmarks_are_chosen_by_name_or_all() -> None:
+    assert runner.resolve(["all"]) == list(runner.BENCHMARKS)
+    assert runner.resolve(["provisioning", "operator-scale"]) == [
+        n for n in runner.BENCHMARKS if n in ("provisioning", "operator-scale")
+    ]
+    with pytest.raises(ValueError, match=r"unknown benchmark.*choose from"):
+        runner.resolve(["fast"])
