@@ -22,6 +22,10 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 BENCHMARKS = {
     "operator-scale": "bench.operator_scale",
     "provisioning": "bench.provisioning",
+    "attach": "bench.attach",
+    "data-path": "bench.data_path",
+    "bandwidth": "bench.bandwidth",
+    "feeding": "bench.feeding",
 }
 
 

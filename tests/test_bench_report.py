@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from bench import runner
+from bench import loader, runner
 from bench.report import Comparison, Result, from_json, markdown, percentile, to_json
 
 MACHINE = {"description": "2 cores, 24 GiB"}
@@ -64,3 +65,25 @@ def test_benchmarks_are_chosen_by_name_or_all() -> None:
     ]
     with pytest.raises(ValueError, match=r"unknown benchmark.*choose from"):
         runner.resolve(["fast"])
+
+
+def test_utilisation_is_compute_over_run_time() -> None:
+    assert loader.utilisation(0.04, 10, 0.5) == pytest.approx(0.8)
+    assert loader.utilisation(0.04, 10, 0.3) == 1.0  # never above 1
+    with pytest.raises(ValueError):
+        loader.utilisation(0.04, 10, 0)
+
+
+def test_the_largest_count_kept_stops_at_the_first_that_fell_short() -> None:
+    assert loader.largest_kept({1: 0.99, 2: 0.95, 4: 0.91, 8: 0.7}) == 4
+    assert loader.largest_kept({1: 0.99, 2: 0.8, 4: 0.95}) == 1
+    assert loader.largest_kept({1: 0.5}) == 0
+
+
+def test_the_loader_reads_what_it_prepared(tmp_path: Path) -> None:
+    data = tmp_path / "samples"
+    assert loader.main(["prepare", str(data), "--samples", "12", "--sample-kib", "4"]) == 0
+    assert sorted(p.name for p in data.iterdir()) == loader.sample_names(12)
+    assert 0 < loader.run(data, accelerators=2, batch=2, compute_ms=1, batches=3) <= 1
+    with pytest.raises(SystemExit, match="too few samples"):
+        loader.run(data, accelerators=4, batch=2, compute_ms=1, batches=3)
