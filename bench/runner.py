@@ -7,12 +7,14 @@ import importlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.report import Result, markdown, to_json
+from bench.report import Result, from_json, markdown, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -59,22 +61,40 @@ def resolve(names: Sequence[str]) -> list[str]:
     return [n for n in BENCHMARKS if n in names]
 
 
+def run_one(name: str, workdir: Path) -> Result:
+    """One benchmark in this process; a failure becomes a failed Result."""
+    module = importlib.import_module(BENCHMARKS[name])
+    try:
+        result: Result = module.run(workdir)
+    except Exception as e:  # recorded, so the other benchmarks still run
+        traceback.print_exc()
+        result = Result(name, name, error=f"{type(e).__name__}: {e}")
+    return result
+
+
 def run(
     names: Sequence[str], workdir: Path, say: Callable[[str], None] = print
 ) -> tuple[Path, list[Result]]:
-    """Runs them; returns the JSON file written and the results."""
+    """Runs each in its own process (a lab's network namespace, VMs and servers end with
+    it); returns the JSON file written and the results."""
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
     results: list[Result] = []
     for name in resolve(names):
         say(f"benchmark {name}: running")
-        module = importlib.import_module(BENCHMARKS[name])
-        try:
-            result: Result = module.run(workdir / name)
-        except Exception as e:  # recorded, so the other benchmarks still run
-            traceback.print_exc()
-            result = Result(name, name, error=f"{type(e).__name__}: {e}")
+        out = workdir / f"{name}.result.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        rc = subprocess.run(
+            [sys.executable, "-m", "bench.runner", name, str(workdir / name), str(out)],
+            cwd=ROOT, env=env, check=False,
+        ).returncode  # fmt: skip
+        if out.is_file():
+            result = from_json({"results": [json.loads(out.read_text())]})[0]
+        else:
+            result = Result(name, name, error=f"its process exited {rc} without a result")
         results.append(result)
-        say(f"benchmark {name}: {'FAILED' if result.error else 'done'}")
+        say(f"benchmark {name}: {'FAILED: ' + result.error if result.error else 'done'}")
     host = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{started}.json"
@@ -85,3 +105,9 @@ def run(
         PAGE.write_text(markdown(results, host, started) + "\n")
         say(f"table: {PAGE}")
     return out, results
+
+
+if __name__ == "__main__":  # one benchmark, in the process `run` starts for it
+    _name, _workdir, _out = sys.argv[1:4]
+    _result = run_one(_name, Path(_workdir))
+    Path(_out).write_text(json.dumps(to_json([_result], {}, "")["results"][0]) + "\n")
