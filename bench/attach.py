@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.node_lab import GPU, node_lab
+from bench.node_lab import GPU, host_args, node_lab
 from bench.report import Result, percentile
 from flashmesh.lab.progress import say
-from flashmesh.lab.vm import host_nqn
 
 ROUNDS = 10
 MOUNT = "/run/bench/by-hand"
@@ -25,7 +24,7 @@ def by_hand(nqn: str, address: str, port: str) -> str:
 mkdir -p {MOUNT}
 for i in $(seq {ROUNDS}); do
   t0=$(date +%s.%N)
-  nvme connect -t tcp -a {address} -s {port} -n {nqn} -q {host_nqn(GPU.name)} >/dev/null
+  nvme connect -t tcp -a {address} -s {port} -n {nqn} {host_args(GPU.name)} >/dev/null
   dev=$(nvme_device {nqn} 60)
   mount -t ext4 "$dev" {MOUNT}
   t1=$(date +%s.%N)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.node_lab import NodeLab, node_lab
+from bench.node_lab import NodeLab, host_args, node_lab
 from bench.report import Result
 from flashmesh.lab.progress import say
-from flashmesh.lab.vm import Drive, VmSpec, host_nqn
+from flashmesh.lab.vm import Drive, VmSpec
 
 DRIVE_BPS = 4 << 20  # 4 MiB/s per drive
 STORAGE = tuple(
@@ -43,7 +43,7 @@ def ceiling(lab: NodeLab) -> float:
                          f"nvmet_port 30 tcp {storage.address(0)} 4440 {CEILING_NQN}")  # fmt: skip
     try:
         device = lab.sh(gpu, f"nvme connect -t tcp -a {storage.address(0)} -s 4440"
-                             f" -n {CEILING_NQN} -q {host_nqn(gpu)} >/dev/null\n"
+                             f" -n {CEILING_NQN} {host_args(gpu)} >/dev/null\n"
                              f"nvme_device {CEILING_NQN} 60").split()[-1]  # fmt: skip
         try:
             job = lab.fio_json(gpu, f"{seq_read(device, 4096)} --runtime={RUNTIME_S} --time_based")

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.node_lab import GPU, STORAGE, NodeLab, node_lab
+from bench.node_lab import GPU, STORAGE, NodeLab, host_args, node_lab
 from bench.report import Result
 from flashmesh.lab.progress import say
-from flashmesh.lab.vm import host_nqn
 
 SIZE_MIB = 256
 RUNTIME_S = 20
@@ -53,7 +52,7 @@ def run(workdir: Path) -> Result:
 
         nqn, address, port = lab.segment(attached)
         raw_device = lab.sh(GPU.name, f"nvme connect -t tcp -a {address} -s {port} -n {nqn}"
-                                      f" -q {host_nqn(GPU.name)} >/dev/null\n"
+                                      f" {host_args(GPU.name)} >/dev/null\n"
                                       f"nvme_device {nqn} 60").split()[-1]  # fmt: skip
         try:
             raw = measure(lab, GPU.name, raw_device, "raw nvme-tcp")

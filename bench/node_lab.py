@@ -21,7 +21,7 @@ from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.lab import demo
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.kubelet import NODE_PORT
-from flashmesh.lab.vm import Drive, Lab, VmSpec, host_nqn
+from flashmesh.lab.vm import Drive, Lab, VmSpec, host_nqn, vm_uuid
 
 API = resources.API_VERSION
 POOL = "bench"
@@ -29,6 +29,12 @@ STORAGE = VmSpec("storage-0", 1, drives=(Drive(2048),), memory_mib=512)
 GPU = VmSpec("gpu-0", 3, memory_mib=512)
 LIB = Path(__file__).resolve().parents[1] / "src/flashmesh/lab/guest/lab-lib.sh"
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+
+
+def host_args(vm: str) -> str:
+    """nvme connect's host NQN and host ID for a VM, the pair its node plugin uses (the
+    kernel refuses one host ID under two NQNs)."""
+    return f"-q {host_nqn(vm)} -I {vm_uuid(vm)}"
 
 
 def capability(block: bool) -> csi_pb2.VolumeCapability:
