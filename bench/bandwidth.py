@@ -42,7 +42,8 @@ def ceiling(lab: NodeLab) -> float:
                          f"nvmet_subsystem {CEILING_NQN} /dev/nullb0 1\n"
                          f"nvmet_port 30 tcp {storage.address(0)} 4440 {CEILING_NQN}")  # fmt: skip
     try:
-        device = lab.sh(gpu, f"modprobe nvme-tcp\nnvme connect -t tcp -a {storage.address(0)} -s 4440"
+        device = lab.sh(gpu, "modprobe nvme-tcp\n"
+                             f"nvme connect -t tcp -a {storage.address(0)} -s 4440"
                              f" -n {CEILING_NQN} {host_args(gpu)} >/dev/null\n"
                              f"nvme_device {CEILING_NQN} 60").split()[-1]  # fmt: skip
         try:

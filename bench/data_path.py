@@ -51,7 +51,8 @@ def run(workdir: Path) -> Result:
         lab.unstage(attached)
 
         nqn, address, port = lab.segment(attached)
-        raw_device = lab.sh(GPU.name, f"modprobe nvme-tcp\nnvme connect -t tcp -a {address} -s {port} -n {nqn}"
+        raw_device = lab.sh(GPU.name, "modprobe nvme-tcp\n"
+                                      f"nvme connect -t tcp -a {address} -s {port} -n {nqn}"
                                       f" {host_args(GPU.name)} >/dev/null\n"
                                       f"nvme_device {nqn} 60").split()[-1]  # fmt: skip
         try:
