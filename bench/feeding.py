@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.loader import largest_kept
+from bench.loader import READERS, largest_kept
 from bench.node_lab import STORAGE, NodeLab, node_lab
 from bench.report import Result
 from flashmesh.lab.progress import say
@@ -72,7 +72,9 @@ def run(workdir: Path) -> Result:
     result.notes += [
         f"{samples} samples of {SAMPLE_KIB} KiB; each accelerator takes batches of {BATCH},"
         f" computes {COMPUTE_MS:.0f} ms per batch, {BATCHES} batches per run, with two"
-        " batches read ahead; counts tried: " + ", ".join(map(str, COUNTS)) + ".",
+        f" batches read ahead by {READERS} threads; counts tried: "
+        + ", ".join(map(str, COUNTS))
+        + ".",
         "FlashMesh utilisation by count: "
         + ", ".join(f"{n}: {au:.0%}" for n, au in fm.items())
         + "; local drive: "
