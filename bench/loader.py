@@ -3,7 +3,8 @@
 Emulated accelerators, as DLIO has them: each one takes a batch of samples (small files)
 from its reader and then "computes" for a fixed time (it sleeps). Its reader reads the next
 batches ahead, a few at a time, while it computes. Accelerator utilisation is compute time
-over run time: it stays near 1 while storage keeps up, and falls once it cannot.
+over run time (from the first batch's arrival: filling the pipeline is a warm-up step, as
+in training loops): it stays near 1 while storage keeps up, and falls once it cannot.
 
     python3 loader.py prepare DIR --samples N --sample-kib K
     python3 loader.py run DIR --accelerators N --batch B --compute-ms C --batches M [--readers R]
@@ -82,9 +83,11 @@ def run(
         mine = names[index * batch * batches : (index + 1) * batch * batches]
         ready: queue.Queue[int] = queue.Queue(maxsize=PREFETCH)
         feeder = threading.Thread(target=reader, args=(mine, ready), daemon=True)
-        begin = time.monotonic()
         feeder.start()
-        for _ in range(batches):
+        ready.get()  # the first batch fills the pipeline: a warm-up step, not counted
+        begin = time.monotonic()
+        time.sleep(compute_s)
+        for _ in range(batches - 1):
             ready.get()
             time.sleep(compute_s)
         wall = time.monotonic() - begin
