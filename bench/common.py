@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from flashmesh.core import resources
 from flashmesh.lab import processes
 from flashmesh.lab.binaries import locate_csi
 from flashmesh.lab.cluster import LocalCluster
@@ -19,6 +20,7 @@ from flashmesh.lab.crds import install_crds
 from flashmesh.lab.progress import say
 
 PYTHON = sys.executable
+API = resources.API_VERSION
 
 
 @contextmanager
@@ -72,6 +74,24 @@ def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
     """The sum of a series' samples whose labels include the given ones."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def lab_pool(cluster: LocalCluster, name: str, nodes: int, min_size: str = "900Mi") -> None:
+    """A StoragePool over the lab's storage VMs' drives (NVMe/TCP), waited for until all
+    `nodes` of them serve it."""
+    kube = cluster.kube
+    kube.create({
+        "apiVersion": API, "kind": "StoragePool", "metadata": {"name": name},
+        "spec": {"nodeSelector": {"matchLabels": {"flashmesh.dev/storage": "true"}},
+                 "drives": {"pathPatterns": ["/dev/nvme*n1"], "minSize": min_size},
+                 "transports": ["tcp"]},
+    })  # fmt: skip
+
+    def ready() -> bool:
+        found = kube.get(API, "StoragePool", name) or {}
+        return (found.get("status") or {}).get("nodesReady") == nodes
+
+    timed_wait(f"the pool serving on {nodes} storage VM(s)", ready, 900)
 
 
 def timed_wait(what: str, condition: Callable[[], bool], timeout: float) -> float:

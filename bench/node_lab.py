@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import timed_wait
+from bench.common import lab_pool, timed_wait
 from flashmesh.core import naming, resources
 from flashmesh.core.resources import TOPOLOGY_KEY
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
@@ -158,19 +158,7 @@ def node_lab(
     """The VMs booted, FlashMesh running, the pool serving on every storage VM."""
     with demo.stack(workdir, storage, (gpu,)) as (cluster, lab), ExitStack() as down:
         demo.start_components(cluster, lab, down, storage, (gpu,))
-        kube = cluster.kube
-        kube.create({
-            "apiVersion": API, "kind": "StoragePool", "metadata": {"name": POOL},
-            "spec": {"nodeSelector": {"matchLabels": {"flashmesh.dev/storage": "true"}},
-                     "drives": {"pathPatterns": ["/dev/nvme*n1"], "minSize": "900Mi"},
-                     "transports": ["tcp"]},
-        })  # fmt: skip
-
-        def pool_ready() -> bool:
-            found = kube.get(API, "StoragePool", POOL) or {}
-            return (found.get("status") or {}).get("nodesReady") == len(storage)
-
-        timed_wait(f"the pool serving on {len(storage)} storage VM(s)", pool_ready, 900)
+        lab_pool(cluster, POOL, len(storage))
         # The GPU VM's Node and CSINode, as its kubelet would register them (the lab has no
         # kubelet): ControllerPublish finds the node by its host NQN there.
         driver = {"name": resources.CSI_DRIVER, "nodeID": host_nqn(gpu.name),

@@ -51,6 +51,13 @@ def reconciles(samples: dict[Any, float]) -> float:
     return sample(samples, f"{RECONCILE}_count", kind="StoragePool")
 
 
+def three_more_reconciles(what: str) -> tuple[dict[Any, float], dict[Any, float]]:
+    """Scrapes of the operator's metrics before and after three more pool reconciles."""
+    before = scrape(METRICS)
+    timed_wait(what, lambda: reconciles(scrape(METRICS)) >= reconciles(before) + 3, 300)
+    return before, scrape(METRICS)
+
+
 def mean_reconcile(before: dict[Any, float], after: dict[Any, float]) -> float:
     """Mean duration of the pool reconciles between two scrapes."""
     total = sample(after, f"{RECONCILE}_sum", kind="StoragePool") - sample(
@@ -94,13 +101,8 @@ def run(workdir: Path) -> Result:
 
             timed_wait(f"the operator takes all {NODES} nodes into the pool", pool_ready, 300)
             # The first passes move the nodes in and make the classes: let them pass first.
-            settled = reconciles(scrape(METRICS))
-            timed_wait("the pool settles", lambda: reconciles(scrape(METRICS)) >= settled + 3, 120)
-            idle_scrape = scrape(METRICS)
-            then = reconciles(idle_scrape)
-            timed_wait("a few idle reconciles",
-                       lambda: reconciles(scrape(METRICS)) >= then + 3, 120)  # fmt: skip
-            idle_reconcile = mean_reconcile(idle_scrape, scrape(METRICS))
+            three_more_reconciles("the pool settles")
+            idle_reconcile = mean_reconcile(*three_more_reconciles("a few idle reconciles"))
             idle_rss = rss_bytes(operator.pid)
 
             say(f"writing {VOLUMES:,} Volume objects")
@@ -114,11 +116,9 @@ def run(workdir: Path) -> Result:
 
             timed_wait(f"the operator counts all {VOLUMES:,} Volumes", all_counted, 600)
             counted = time.monotonic() - begin
-            full_scrape = scrape(METRICS)
-            then = reconciles(full_scrape)
-            timed_wait("a few reconciles with every Volume",
-                       lambda: reconciles(scrape(METRICS)) >= then + 3, 300)  # fmt: skip
-            full_reconcile = mean_reconcile(full_scrape, scrape(METRICS))
+            full_reconcile = mean_reconcile(
+                *three_more_reconciles("a few reconciles with every Volume")
+            )
             full_rss = rss_bytes(operator.pid)
 
     result.add("pool reconcile", "ms", full_reconcile * 1000, idle_reconcile * 1000)

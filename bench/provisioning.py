@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.common import timed_wait
+from bench.common import lab_pool, timed_wait
 from bench.report import Result, percentile
 from flashmesh.core import resources
 from flashmesh.csi_driver.controller import TOPOLOGY_KEY
@@ -83,18 +83,7 @@ def run(workdir: Path) -> Result:
     with demo.stack(workdir, STORAGE, ()) as (cluster, lab), ExitStack() as down:
         demo.start_components(cluster, lab, down, STORAGE, ())
         kube = cluster.kube
-        kube.create({
-            "apiVersion": API, "kind": "StoragePool", "metadata": {"name": POOL},
-            "spec": {"nodeSelector": {"matchLabels": {"flashmesh.dev/storage": "true"}},
-                     "drives": {"pathPatterns": ["/dev/nvme*n1"], "minSize": "1Gi"},
-                     "transports": ["tcp"]},
-        })  # fmt: skip
-
-        def pool_ready() -> bool:
-            found = kube.get(API, "StoragePool", POOL) or {}
-            return (found.get("status") or {}).get("nodesReady") == len(STORAGE)
-
-        timed_wait("the pool's storage nodes serving", pool_ready, 600)
+        lab_pool(cluster, POOL, len(STORAGE), min_size="1Gi")
         # The provisioner asks for the topology of a node that runs the driver: a KWOK one.
         driver = {
             "name": resources.CSI_DRIVER,
