@@ -55,12 +55,7 @@ def controller(
         assert processes.wait_until(lambda: _serving(address), 60), controller_log(lab)
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.end(proc)
         log.close()
 
 
