@@ -309,6 +309,15 @@ def test_with_authentication_only_the_keyed_host_gets_in_and_keys_rotate(
             current = kube.get("v1", "Secret", "dhchap-gpu-0", NAMESPACE)
             assert current is not None
             kube.replace({**secret, "metadata": current["metadata"]})
+        # Authentication off: the kernel cannot clear a key, so the agent makes the host
+        # entry again without one, and a keyless connect gets in.
+        kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": False}}})
+        assert processes.wait_until(
+            lambda: sh(lab, vm, host_key, check=False).strip() in ("", "(null)"), 300
+        ), agent_log(lab, vm)
+        plain = f"modprobe nvme-tcp\nnvme connect -t tcp -a {STORAGE0.address(0)} -s 4420 -n {nqn}"
+        device = sh(lab, GPU, f"{plain}\nnvme_device {nqn}").strip()
+        assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 16M")), 16 * MIB)
     finally:
         sh(lab, GPU, f"nvme disconnect -n {nqn} || true")
         kube.delete(API, "Volume", vid)
@@ -317,6 +326,5 @@ def test_with_authentication_only_the_keyed_host_gets_in_and_keys_rotate(
     assert processes.wait_until(lambda: kube.get(API, "Volume", vid) is None, 300)
     scenario.done(
         "DH-HMAC-CHAP from a Secret: stale key refused, right key verified, keyless host "
-        "left out, "
-        "rotated key applied by the agent"
+        "left out, rotated key applied by the agent, keyless once authentication is off"
     )

@@ -321,8 +321,11 @@ def test_prometheus_scrapes_every_component(
         info = ('flashmesh_csi_operation_duration_seconds_count'
                 '{job="csi-node",method="NodeGetInfo",code="OK"}')  # fmt: skip
         assert value(base, info) >= 1
-        passes = "sum by (instance) (flashmesh_agent_reconcile_duration_seconds_count)"
-        assert len(query(base, passes)) == 2
+        # An agent's pass histogram has a series once its first pass ends: wait for both.
+        passes = "sum by (instance) (flashmesh_agent_reconcile_duration_seconds_count) > 0"
+        assert processes.wait_until(lambda: len(query(base, passes)) == 2, 180, interval=2.0), (
+            f"{query(base, passes)}\n" + "\n".join(agent_log(lab, n.name)[-3000:] for n in NODES)
+        )
         thin = query(base, "flashmesh_agent_thin_pool_size_bytes")
         assert len(thin) == 2 and all(float(t["value"][1]) > 0 for t in thin)
     finally:

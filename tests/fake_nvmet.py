@@ -99,6 +99,8 @@ class FakeNvmet(Fs):
             raise refuse(errno.EINVAL)
         if attr == "attr_allow_any_host" and value == "1" and self.names(f"{parent}/allowed_hosts"):
             raise refuse(errno.EINVAL)
+        if attr in ("dhchap_key", "dhchap_ctrl_key") and not value.startswith("DHHC-1:"):
+            raise refuse(errno.EINVAL)  # a key cannot be cleared, only replaced
         if attr in PORT_ATTRS and self.names(f"{parent}/subsystems"):
             raise refuse(errno.EACCES)
         super().write(rel, value + "\n")

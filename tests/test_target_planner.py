@@ -166,6 +166,29 @@ def test_keys_are_written_and_rotated_but_never_shown() -> None:
     assert [a.value for a in plan(rotated, keyed)] == [KEY + "x"]
 
 
+def test_a_key_no_longer_wanted_goes_with_its_host_entry() -> None:
+    # The kernel refuses an empty key: the entry is unlinked, removed and made again.
+    keyed = Target(DESIRED.subsystems, DESIRED.ports, {HOST_A: Host(HOST_A, dhchap_key=KEY)})
+    assert [str(a) for a in plan(DESIRED, keyed)] == [
+        f"unlink subsystems/{NQN}/allowed_hosts/{HOST_A}",
+        f"rmdir hosts/{HOST_A}",
+        f"mkdir hosts/{HOST_A}",
+        f"link subsystems/{NQN}/allowed_hosts/{HOST_A} = hosts/{HOST_A}",
+    ]
+    # Linked by another tool's subsystem too: the entry cannot go, so it keeps its key.
+    foreign = Subsystem(FOREIGN, "x", False, frozenset({HOST_A}), {1: namespace("/dev/sdz")})
+    shared = dataclasses.replace(keyed, subsystems={**keyed.subsystems, FOREIGN: foreign})
+    assert plan(DESIRED, shared) == []
+
+
+def test_turning_keys_off_converges_on_the_fake_kernel(tmp_path: Path) -> None:
+    keyed = Target(DESIRED.subsystems, DESIRED.ports, {HOST_A: Host(HOST_A, dhchap_key=KEY)})
+    fs = tree(tmp_path, keyed)
+    assert observe(fs).hosts[HOST_A].dhchap_key == KEY
+    converge(fs, DESIRED)
+    assert observe(fs) == DESIRED
+
+
 def test_what_is_not_flashmeshs_is_left_alone() -> None:
     foreign_sub = Subsystem(FOREIGN, "x", True, frozenset(), {1: namespace("/dev/sdz")})
     foreign_port = port(subsystems=(FOREIGN, NQN), port_id=1)

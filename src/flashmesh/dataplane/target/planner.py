@@ -10,6 +10,9 @@ The kernel's rules, and where the plan keeps them:
 - A port's address is fixed while subsystems are linked to it: unlink, write, link again.
 - A host entry linked from a subsystem cannot be removed: unlink it everywhere first.
 - A port with ANA groups of its own (beyond group 1) cannot be removed: remove them first.
+- A host's DH-HMAC-CHAP key cannot be cleared (an empty write is refused): a host entry
+  holding a key no longer wanted is unlinked, removed and made again. Its live
+  connections stay; they were authenticated when they connected.
 The kernel checks allowed hosts only when a host connects, so removing a host from a
 subsystem also disconnects the host's live controllers (the `disconnect` operation).
 
@@ -19,6 +22,7 @@ anything else found in the tree is left as it is.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,6 +72,8 @@ def plan(desired: Target, observed: Target) -> list[Action]:
             raise ValueError(f"subsystem {nqn}: FlashMesh manages only its own NQNs")
     actions: list[Action] = []
     actions += _unlink_ports(desired, observed)
+    rekeyed, observed = _remake_unkeyed_hosts(desired, observed)
+    actions += rekeyed
     actions += _remove_subsystems(desired, observed)
     actions += _write_hosts(desired, observed)
     for nqn in sorted(desired.subsystems):
@@ -112,6 +118,41 @@ def _remove_subsystems(desired: Target, observed: Target) -> list[Action]:
             actions.append(Action("rmdir", namespace_path(nqn, nsid)))
         actions.append(Action("rmdir", subsystem_path(nqn)))
     return actions
+
+
+def _remake_unkeyed_hosts(desired: Target, observed: Target) -> tuple[list[Action], Target]:
+    """Host entries whose key (or controller key) is no longer wanted, as when a pool turns
+    DH-HMAC-CHAP off: unlinked from FlashMesh's subsystems and removed, so that the rest of
+    the plan makes and links them again, keyless. Returns the actions and the tree as it
+    will be after them. An entry another tool's subsystem links keeps its key."""
+    foreign = {
+        host
+        for nqn, sub in observed.subsystems.items()
+        if not is_flashmesh_nqn(nqn)
+        for host in sub.allowed_hosts
+    }
+    stale = sorted(
+        nqn
+        for nqn, want in desired.hosts.items()
+        if (have := observed.hosts.get(nqn)) is not None
+        and nqn not in foreign
+        and any(
+            getattr(want, attr) is None and getattr(have, attr) is not None
+            for attr in ("dhchap_key", "dhchap_ctrl_key")
+        )
+    )
+    if not stale:
+        return [], observed
+    actions = []
+    subsystems = dict(observed.subsystems)
+    for nqn in sorted(subsystems):
+        sub = subsystems[nqn]
+        for host in sorted(sub.allowed_hosts.intersection(stale)):
+            actions.append(Action("unlink", f"{subsystem_path(nqn)}/allowed_hosts/{host}"))
+        subsystems[nqn] = dataclasses.replace(sub, allowed_hosts=sub.allowed_hosts - set(stale))
+    actions += [Action("rmdir", host_path(nqn)) for nqn in stale]
+    hosts = {nqn: h for nqn, h in observed.hosts.items() if nqn not in stale}
+    return actions, dataclasses.replace(observed, subsystems=subsystems, hosts=hosts)
 
 
 def _write_hosts(desired: Target, observed: Target) -> list[Action]:
