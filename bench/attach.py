@@ -21,6 +21,7 @@ MOUNT = "/run/bench/by-hand"
 def by_hand(nqn: str, address: str, port: str) -> str:
     """A shell loop timing connect + device + mount ROUNDS times; prints one line each."""
     return f"""
+modprobe nvme-tcp
 mkdir -p {MOUNT}
 for i in $(seq {ROUNDS}); do
   t0=$(date +%s.%N)

@@ -17,13 +17,13 @@ from bench.report import Result
 from flashmesh.lab.progress import say
 from flashmesh.lab.vm import Drive, VmSpec
 
-DRIVE_BPS = 4 << 20  # 4 MiB/s per drive
+DRIVE_BPS = 2 << 20  # 2 MiB/s per drive: three stay below a quarter of a ~45 MiB/s ceiling
 STORAGE = tuple(
     VmSpec(f"storage-{i}", 1 + i, drives=(Drive(1024, bps=DRIVE_BPS),), memory_mib=384)
     for i in range(3)
 )
 GPU = VmSpec("gpu-0", 5, memory_mib=512)
-SEGMENT_MIB = 24  # each segment is read once in full: 6 s at the drive's rate
+SEGMENT_MIB = 16  # each segment is read once in full: 8 s at the drive's rate
 RUNTIME_S = 20
 CEILING_NQN = "nqn.2026-11.dev.bench:ceiling"
 
@@ -42,7 +42,8 @@ def ceiling(lab: NodeLab) -> float:
                          f"nvmet_subsystem {CEILING_NQN} /dev/nullb0 1\n"
                          f"nvmet_port 30 tcp {storage.address(0)} 4440 {CEILING_NQN}")  # fmt: skip
     try:
-        device = lab.sh(gpu, f"nvme connect -t tcp -a {storage.address(0)} -s 4440"
+        device = lab.sh(gpu, "modprobe nvme-tcp\n"
+                             f"nvme connect -t tcp -a {storage.address(0)} -s 4440"
                              f" -n {CEILING_NQN} {host_args(gpu)} >/dev/null\n"
                              f"nvme_device {CEILING_NQN} 60").split()[-1]  # fmt: skip
         try:

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.loader import largest_kept
+from bench.loader import READERS, largest_kept
 from bench.node_lab import STORAGE, NodeLab, node_lab
 from bench.report import Result
 from flashmesh.lab.progress import say
@@ -23,7 +23,7 @@ COUNTS = (1, 2, 4, 8, 16, 32)
 SAMPLE_KIB = 32
 BATCH = 8
 COMPUTE_MS = 40.0
-BATCHES = 40
+BATCHES = 64
 LOCAL = "/run/bench/local"
 
 
@@ -72,7 +72,8 @@ def run(workdir: Path) -> Result:
     result.notes += [
         f"{samples} samples of {SAMPLE_KIB} KiB; each accelerator takes batches of {BATCH},"
         f" computes {COMPUTE_MS:.0f} ms per batch, {BATCHES} batches per run, with two"
-        " batches read ahead; counts tried: " + ", ".join(map(str, COUNTS)) + ".",
+        f" batches read ahead by {READERS} threads; the first batch (filling the pipeline)"
+        " is a warm-up step, not counted; counts tried: " + ", ".join(map(str, COUNTS)) + ".",
         "FlashMesh utilisation by count: "
         + ", ".join(f"{n}: {au:.0%}" for n, au in fm.items())
         + "; local drive: "

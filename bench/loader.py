@@ -3,10 +3,11 @@
 Emulated accelerators, as DLIO has them: each one takes a batch of samples (small files)
 from its reader and then "computes" for a fixed time (it sleeps). Its reader reads the next
 batches ahead, a few at a time, while it computes. Accelerator utilisation is compute time
-over run time: it stays near 1 while storage keeps up, and falls once it cannot.
+over run time (from the first batch's arrival: filling the pipeline is a warm-up step, as
+in training loops): it stays near 1 while storage keeps up, and falls once it cannot.
 
     python3 loader.py prepare DIR --samples N --sample-kib K
-    python3 loader.py run DIR --accelerators N --batch B --compute-ms C --batches M
+    python3 loader.py run DIR --accelerators N --batch B --compute-ms C --batches M [--readers R]
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PREFETCH = 2  # batches a reader keeps ready, as a DataLoader's prefetch factor
+READERS = 4  # threads reading one accelerator's batch at once (DLIO's read_threads)
 
 
 def utilisation(compute_s: float, batches: int, wall_s: float) -> float:
@@ -53,8 +56,12 @@ def prepare(data: Path, samples: int, sample_kib: int) -> None:
     os.sync()
 
 
-def run(data: Path, accelerators: int, batch: int, compute_ms: float, batches: int) -> float:
-    """Mean utilisation of the accelerators; each reads its own samples, none twice."""
+def run(
+    data: Path, accelerators: int, batch: int, compute_ms: float, batches: int,
+    readers: int = READERS,
+) -> float:  # fmt: skip
+    """Mean utilisation of the accelerators; each reads its own samples, none twice, with
+    `readers` threads per accelerator reading a batch's samples at once."""
     names = sample_names(accelerators * batch * batches)
     missing = [n for n in names[-1:] if not (data / n).exists()]
     if missing:
@@ -63,21 +70,24 @@ def run(data: Path, accelerators: int, batch: int, compute_ms: float, batches: i
     results: list[float] = []
     lock = threading.Lock()
 
+    def read_one(name: str) -> int:
+        with open(data / name, "rb", buffering=0) as f:
+            return len(f.read())
+
     def reader(mine: Sequence[str], out: queue.Queue[int]) -> None:
-        for b in range(batches):
-            size = 0
-            for name in mine[b * batch : (b + 1) * batch]:
-                with open(data / name, "rb", buffering=0) as f:
-                    size += len(f.read())
-            out.put(size)
+        with ThreadPoolExecutor(max_workers=readers) as pool:
+            for b in range(batches):
+                out.put(sum(pool.map(read_one, mine[b * batch : (b + 1) * batch])))
 
     def accelerator(index: int) -> None:
         mine = names[index * batch * batches : (index + 1) * batch * batches]
         ready: queue.Queue[int] = queue.Queue(maxsize=PREFETCH)
         feeder = threading.Thread(target=reader, args=(mine, ready), daemon=True)
-        begin = time.monotonic()
         feeder.start()
-        for _ in range(batches):
+        ready.get()  # the first batch fills the pipeline: a warm-up step, not counted
+        begin = time.monotonic()
+        time.sleep(compute_s)
+        for _ in range(batches - 1):
             ready.get()
             time.sleep(compute_s)
         wall = time.monotonic() - begin
@@ -105,11 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--batch", type=int, required=True)
     r.add_argument("--compute-ms", type=float, required=True)
     r.add_argument("--batches", type=int, required=True)
+    r.add_argument("--readers", type=int, default=READERS, help="reading threads per accelerator")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.data, args.samples, args.sample_kib)
         return 0
-    au = run(args.data, args.accelerators, args.batch, args.compute_ms, args.batches)
+    au = run(args.data, args.accelerators, args.batch, args.compute_ms, args.batches, args.readers)
     print(json.dumps({"accelerators": args.accelerators, "utilisation": au}))
     return 0
 

@@ -17,6 +17,7 @@ import grpc
 
 from bench.common import timed_wait
 from flashmesh.core import naming, resources
+from flashmesh.core.resources import TOPOLOGY_KEY
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.lab import demo
 from flashmesh.lab.cluster import LocalCluster
@@ -170,6 +171,11 @@ def node_lab(
             return (found.get("status") or {}).get("nodesReady") == len(storage)
 
         timed_wait(f"the pool serving on {len(storage)} storage VM(s)", pool_ready, 900)
+        # The GPU VM's Node and CSINode, as its kubelet would register them (the lab has no
+        # kubelet): ControllerPublish finds the node by its host NQN there.
+        driver = {"name": resources.CSI_DRIVER, "nodeID": host_nqn(gpu.name),
+                  "topologyKeys": [TOPOLOGY_KEY]}  # fmt: skip
+        cluster.add_fake_node(gpu.name, labels={TOPOLOGY_KEY: "default"}, csi_drivers=[driver])
         socket = lab.workdir / "csi-controller.sock"
         controller = csi_pb2_grpc.ControllerStub(grpc.insecure_channel(f"unix://{socket}"))
         node = csi_pb2_grpc.NodeStub(grpc.insecure_channel(f"{gpu.address(0)}:{NODE_PORT}"))

@@ -93,6 +93,9 @@ def run(workdir: Path) -> Result:
                 return status.get("nodesReady") == NODES
 
             timed_wait(f"the operator takes all {NODES} nodes into the pool", pool_ready, 300)
+            # The first passes move the nodes in and make the classes: let them pass first.
+            settled = reconciles(scrape(METRICS))
+            timed_wait("the pool settles", lambda: reconciles(scrape(METRICS)) >= settled + 3, 120)
             idle_scrape = scrape(METRICS)
             then = reconciles(idle_scrape)
             timed_wait("a few idle reconciles",

@@ -90,18 +90,31 @@ def _number(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def markdown(results: Sequence[Result], machine: dict[str, Any], started: str) -> str:
-    """The benchmarks page: the machine, then one table per benchmark."""
+def markdown(
+    results: Sequence[Result],
+    machine: dict[str, Any],
+    started: str,
+    runs: dict[str, str] | None = None,
+) -> str:
+    """The benchmarks page: the machine, then one table per benchmark (`runs`: when each
+    benchmark's own run started, when they come from several runs)."""
+    when = (
+        f"Run started {started} with `flashmesh bench all`"
+        if not runs
+        else "The latest result of each benchmark (its run's start is under its title)"
+    )
     lines = [
         "# Benchmarks",
         "",
-        f"Run started {started} with `flashmesh bench all` on {machine.get('description', '?')}.",
+        f"{when} on {machine.get('description', '?')}.",
         "Every figure is compared with a baseline measured in the same run on the same machine;",
         "absolute numbers from software-emulated VMs say little, the ratios say more.",
         "",
     ]
     for r in results:
         lines += [f"## {r.title} (`{r.name}`)", ""]
+        if runs and r.name in runs:
+            lines += [f"Run started {runs[r.name]}.", ""]
         if r.error:
             lines += [f"**Failed:** {r.error}", ""]
         if r.comparisons:

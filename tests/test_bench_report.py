@@ -87,3 +87,26 @@ def test_the_loader_reads_what_it_prepared(tmp_path: Path) -> None:
     assert 0 < loader.run(data, accelerators=2, batch=2, compute_ms=1, batches=3) <= 1
     with pytest.raises(SystemExit, match="too few samples"):
         loader.run(data, accelerators=4, batch=2, compute_ms=1, batches=3)
+
+
+def test_the_page_shows_each_benchmarks_latest_good_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(runner, "PAGE", tmp_path / "benchmarks.md")
+    with pytest.raises(ValueError, match="no results"):
+        runner.rebuild_page()
+    (tmp_path / "results").mkdir()
+    good = Result("provisioning", "Provisioning", "mock")
+    good.add("PVC to Bound, p50", "s", 2.0, 1.0)
+    broken = Result("provisioning", "Provisioning", error="RuntimeError: later run broke")
+    scale = Result("operator-scale", "Operator scale")
+    scale.add("operator RSS", "MiB", 75.0, 67.0)
+    for started, results in (("2026-01-01T00-00-00Z", [good, scale]),
+                             ("2026-01-02T00-00-00Z", [broken])):  # fmt: skip
+        doc = to_json(results, MACHINE, started)
+        (tmp_path / "results" / f"{started}.json").write_text(json.dumps(doc))
+    page = runner.rebuild_page().read_text()
+    assert "PVC to Bound, p50" in page and "later run broke" not in page
+    assert page.index("operator-scale") < page.index("`provisioning`")  # the run order
+    assert page.count("Run started 2026-01-01T00-00-00Z.") == 2

@@ -64,6 +64,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(runner.BENCHMARKS))
         return 0
+    if args.table:
+        print(f"wrote {runner.rebuild_page()}")
+        return 0
     try:
         names = runner.resolve(args.names)
     except ValueError as e:
@@ -157,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run, or all")
     bench.add_argument("--list", action="store_true", help="list the benchmarks")
+    bench.add_argument(
+        "--table", action="store_true",
+        help="rebuild docs/benchmarks.md from the latest result of each benchmark",
+    )  # fmt: skip
     bench.add_argument("--dir", help="working folder (default: in the lab cache)")
     bench.set_defaults(func=_bench)
 
