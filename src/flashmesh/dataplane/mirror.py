@@ -44,8 +44,9 @@ def _mdadm(runner: Runner, argv: Sequence[str], what: str) -> process.Result:
 
 
 def has_superblock(runner: Runner, device: str) -> bool:
-    """True when the device carries an md superblock (it was a member before)."""
-    return runner(["mdadm", "--examine", "--brief", device]).rc == 0
+    """True when the device carries an md superblock (it was a member before). Not
+    --brief: that exits 0 on a device with no superblock at all."""
+    return runner(["mdadm", "--examine", device]).rc == 0
 
 
 def create(runner: Runner, name: str, devices: Sequence[str]) -> str:
