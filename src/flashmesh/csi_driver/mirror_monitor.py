@@ -44,6 +44,9 @@ class MirrorMonitor:
         for path in sorted(self.node.state_dir.glob("*.json")):
             vid = path.stem
             try:
+                found = self.node.load(vid)
+                if found is None or not found.md:
+                    continue  # not mirrored: never take its lock (a CSI call would get ABORTED)
                 with self.node.locks.hold(vid):
                     staged = self.node.load(vid)
                     if staged is not None and staged.md:
