@@ -105,7 +105,8 @@ def leave_nothing_behind(lab: Lab, cluster: LocalCluster) -> None:
     """Every Snapshot and Volume deleted through running agents (one a scenario stopped is
     started again), and the GPU VMs' NVMe connections and stripes gone."""
     for gpu in (GPU0, GPU1):
-        lab.exec(gpu.name, "dmsetup remove_all; nvme disconnect-all", check=False)
+        lab.exec(gpu.name, "dmsetup remove_all; mdadm --stop --scan; nvme disconnect-all",
+                 check=False)  # fmt: skip
     for spec in NODES:
         if lab.exec(spec.name, "pgrep -f 'flashmesh.cli agent'", check=False).rc != 0:
             start_agent(lab, spec)

@@ -196,10 +196,10 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
         "greater than or equal to 1",
     ),
     (
-        "replicas above 16",
-        pool(layout={"replicas": 17}),
+        "replicas above 2",
+        pool(layout={"replicas": 3}),
         "spec.layout.replicas",
-        "less than or equal to 16",
+        "less than or equal to 2",
     ),
     (
         "unknown transport",

@@ -155,3 +155,54 @@ def test_fuzzed_stage_requests_never_fail_inside(
         node.NodeStageVolume(request, None)
     except CsiError as exc:
         assert exc.code not in (Code.INTERNAL, Code.UNKNOWN), exc.message
+
+
+MIRRORED_CONTEXT = {"pool": "p", "stripeWidth": "1", "replicas": "2"}
+MIRRORED_SEGMENTS = json.dumps([
+    {"nqn": f"nqn.2026-11.dev.flashmesh:fm-000000000001.s0r{r}", "index": 0, "replica": r,
+     "node": f"storage-{r}", "endpoints": [f"tcp:10.77.0.{r + 1}:4420"]}
+    for r in (0, 1)
+])  # fmt: skip
+
+
+class RecordsFake:
+    """A FAKE of the Volume status reader: replica 1 of segment 0 is recorded behind."""
+
+    def read(self, vid: str) -> tuple[dict[Any, Any], dict[str, Any]]:
+        from flashmesh.core.mirrors import FAULTY, ReplicaRecord
+
+        return {(0, 1): ReplicaRecord(0, 1, False, FAULTY)}, {}
+
+
+def mirrored_stage(tmp_path: Path, replica_status: Any) -> csi_pb2.NodeStageVolumeRequest:
+    return STAGE(volume_id="fm-000000000001", staging_target_path=str(tmp_path / "s"),
+                 volume_capability=MOUNT, volume_context=MIRRORED_CONTEXT,
+                 publish_context={"segments": MIRRORED_SEGMENTS})  # fmt: skip
+
+
+def test_a_mirror_is_not_staged_without_reading_which_replicas_are_in_sync(
+    tmp_path: Path,
+) -> None:
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=no_commands)
+    with pytest.raises(CsiError) as caught:
+        node.NodeStageVolume(mirrored_stage(tmp_path, None), None)
+    assert caught.value.code == Code.FAILED_PRECONDITION
+    assert "no Kubernetes API access" in caught.value.message
+
+
+def test_a_mirror_with_no_in_sync_replica_reachable_is_unavailable(tmp_path: Path) -> None:
+    ran: list[list[str]] = []
+
+    def unreachable(argv: Sequence[str], *, secrets: Sequence[str] = ()) -> Result:
+        ran.append(list(argv))
+        return Result(tuple(argv), 1, "", "Failed to write to /dev/nvme-fabrics: no route")
+
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=unreachable,
+                replica_status=RecordsFake())  # fmt: skip
+    with pytest.raises(CsiError) as caught:
+        node.NodeStageVolume(mirrored_stage(tmp_path, RecordsFake()), None)
+    assert caught.value.code == Code.UNAVAILABLE
+    assert "no replica that holds every acknowledged write can be reached" in caught.value.message
+    assert "replica 1 on storage-1 is unreachable" in caught.value.message
+    assert not any(a[0] == "mdadm" for a in ran)  # no array was assembled
+    assert not (tmp_path / "state" / "fm-000000000001.json").exists()

@@ -77,8 +77,8 @@ def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
 
 DEFAULT_KINDS = {
     "ServiceAccount": 4,
-    "ClusterRole": 3,  # the node plugin has no cluster-wide rule
-    "ClusterRoleBinding": 3,
+    "ClusterRole": 4,  # the node plugin's: Volumes read, their status patched
+    "ClusterRoleBinding": 4,
     "Role": 4,
     "RoleBinding": 4,
     "Deployment": 2,  # operator, CSI controller
@@ -484,7 +484,10 @@ LEASES = "leases.coordination.k8s.io"
 EXPECTED: dict[str, tuple[dict[str, set[str]], dict[str, set[str]]]] = {
     "operator": (OPERATOR, {LEASES: GLW}),
     "csi-controller": (CSI_CONTROLLER, {LEASES: GLW | {"create", "update", "delete"}}),
-    "csi-node": ({}, {"secrets": {"get", "list"}}),
+    "csi-node": (
+        {"volumes.flashmesh.dev": {"get"}, "volumes.flashmesh.dev/status": {"patch"}},
+        {"secrets": {"get", "list"}},
+    ),
     "agent": (AGENT, {LEASES: {"get", "create", "update", "patch"}, "secrets": {"get", "list"}}),
 }
 
@@ -535,6 +538,7 @@ QUESTIONS = [
     ("csi-node", "list", "secrets", "default", False),
     ("csi-node", "get", "secrets", "kube-system", False),
     ("csi-node", "get", "storagenodes.flashmesh.dev", NS, False),
+    ("csi-node", "update", "volumes.flashmesh.dev", NS, False),
     ("agent", "get", "secrets", NS, True),
     ("agent", "get", "secrets", "kube-system", False),
     ("agent", "delete", "storagenodes.flashmesh.dev", NS, False),

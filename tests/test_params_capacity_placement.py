@@ -46,6 +46,15 @@ def test_parameters_override_the_defaults() -> None:
     assert params.from_context(got.context()) == got
 
 
+def test_a_mirror_fails_a_member_fast_and_keeps_reconnecting_unless_told() -> None:
+    mirrored = params.parse({"pool": "p", "replicas": "2"})
+    assert mirrored.layout.replicas == 2
+    assert (mirrored.timeouts.ctrl_loss_tmo, mirrored.timeouts.fast_io_fail_tmo) == (-1, 5)
+    told = params.parse({"pool": "p", "replicas": "2", "fastIoFailTmo": "9"})
+    assert told.timeouts.fast_io_fail_tmo == 9
+    assert params.from_context(told.context()) == told
+
+
 @pytest.mark.parametrize(
     ("given", "named"),
     [
@@ -53,7 +62,7 @@ def test_parameters_override_the_defaults() -> None:
         ({"pool": "p", "stripes": "2"}, "unknown parameter stripes"),
         ({"pool": "p", "stripeWidth": "two"}, "stripeWidth='two' is not a whole number"),
         ({"pool": "p", "stripeWidth": "17"}, "stripeWidth=17 is out of range: use 1..16"),
-        ({"pool": "p", "replicas": "2"}, "replicas=2 is not supported yet"),
+        ({"pool": "p", "replicas": "3"}, "replicas=3 is out of range: use 1..2"),
         ({"pool": "p", "transport": "fc"}, "transport='fc' is unknown: use rdma or tcp"),
         ({"pool": "p", "reconnectDelay": "0"}, "reconnectDelay=0 is out of range"),
     ],

@@ -60,6 +60,8 @@ _TIMEOUTS = {
     "keepAliveTmo": ("keep_alive_tmo", 1),
 }
 KNOWN = ("pool", "stripeWidth", "replicas", "transport", *_TIMEOUTS)
+MAX_REPLICAS = 2  # md RAID1 over two storage nodes
+MIRRORED_TIMEOUTS = {"ctrl_loss_tmo": -1, "fast_io_fail_tmo": 5}
 
 
 def _integer(name: str, value: str, minimum: int, maximum: int = 3600) -> int:
@@ -90,16 +92,13 @@ def parse(parameters: dict[str, str], default_layout: Layout | None = None) -> V
         stripes = _integer("stripeWidth", parameters["stripeWidth"], 1, 16)
     replicas = layout.replicas
     if "replicas" in parameters:
-        replicas = _integer("replicas", parameters["replicas"], 1, 16)
-    if replicas > 1:
-        raise ParameterError(
-            f"parameter replicas={replicas} is not supported yet: mirrored volumes are not "
-            'available; use replicas: "1"'
-        )
+        replicas = _integer("replicas", parameters["replicas"], 1, MAX_REPLICAS)
     transport = parameters.get("transport") or None
     if transport is not None and transport not in TRANSPORTS:
         raise ParameterError(f"parameter transport={transport!r} is unknown: use rdma or tcp")
-    values = {}
+    # A mirror's member must fail fast (md then carries on with the others) and keep
+    # reconnecting (so it comes back when its node does): unless the class says otherwise.
+    values = dict(MIRRORED_TIMEOUTS) if replicas > 1 else {}
     for key, (field, minimum) in _TIMEOUTS.items():
         if key in parameters:
             values[field] = _integer(key, parameters[key], minimum)

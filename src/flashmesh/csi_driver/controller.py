@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flashmesh.core import naming, params, resources, serde
+from flashmesh.core import mirrors, naming, params, resources, serde
 from flashmesh.core.capacity import volume_size
 from flashmesh.core.placement import PlacementError, largest_volume, place
 from flashmesh.core.resources import Snapshot, Volume
@@ -45,7 +45,8 @@ def _fail(code: grpc.StatusCode, message: str) -> CsiError:
 
 def publish_context(volume: Volume) -> dict[str, str]:
     """What NodeStage needs to connect: each segment's subsystem and endpoints, in stripe
-    order. No secret: the CO keeps this in the VolumeAttachment."""
+    order (replicas of one index together), with its place and node. No secret: the CO
+    keeps this in the VolumeAttachment."""
     statuses = (
         {(s.index, s.replica): s for s in (volume.status.segments or [])} if volume.status else {}
     )
@@ -53,7 +54,8 @@ def publish_context(volume: Volume) -> dict[str, str]:
     for seg in sorted(volume.spec.segments, key=lambda s: (s.index, s.replica)):
         status = statuses[(seg.index, seg.replica)]
         endpoints = [f"{e.transport}:{e.address}:{e.port}" for e in status.endpoints or []]
-        segments.append({"nqn": status.subsystem_nqn, "endpoints": endpoints})
+        segments.append({"nqn": status.subsystem_nqn, "endpoints": endpoints,
+                         "index": seg.index, "replica": seg.replica, "node": seg.node})  # fmt: skip
     return {"segments": json.dumps(segments, separators=(",", ":"))}
 
 
@@ -76,6 +78,19 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         chosen = params.parse(dict(request.parameters))  # names a missing or bad parameter
         pool = self.cluster.pool(chosen.pool)
         chosen = params.parse(dict(request.parameters), pool.spec.layout)
+        if chosen.layout.replicas > 1:
+            shared = [
+                Mode.Mode.Name(c.access_mode.mode)
+                for c in request.volume_capabilities
+                if c.access_mode.mode not in capabilities.SINGLE_NODE
+            ]
+            if shared:
+                raise invalid(
+                    f"volume_capabilities: a mirrored volume (replicas: "
+                    f"{chosen.layout.replicas}) is attached to one node at a time, so "
+                    f"{shared[0]} cannot be served: use a single-node access mode, or "
+                    'replicas: "1"'
+                )
         self._check_topology(request.accessibility_requirements)
         vid = naming.volume_id(request.name)
         rng = request.capacity_range
@@ -142,6 +157,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             layout, pool = origin.spec.layout, origin.spec.pool
             where = [(s.index, s.replica, s.node) for s in origin.spec.segments]
             spec, size = {"volume": vid}, parse_bytes(origin.spec.size)
+        if chosen.layout.replicas > 1 or (layout is not None and layout.replicas > 1):
+            raise invalid(
+                "volume_content_source: mirrored volumes are neither copied nor restored "
+                'yet: use a class with replicas: "1" for the copy and its source'
+            )
         if pool != chosen.pool or (layout is not None and layout != chosen.layout):
             raise invalid(
                 f"volume_content_source: the source is in pool {pool} with "
@@ -160,7 +180,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     ) -> Volume:
         layout = chosen.layout
         count = layout.stripe_width * layout.replicas
-        segment = size // count
+        segment = mirrors.segment_bytes(size, layout.stripe_width, layout.replicas)
         with self._placing:
             space = self.cluster.space(chosen.pool)
             if source is None:
@@ -426,6 +446,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             count = 1
         frees = sorted((n.free for n in space), reverse=True)
         largest = frees[count - 1] * count if len(frees) >= count else 0
+        if "pool" in request.parameters and chosen.layout.replicas > 1 and len(frees) >= count:
+            per_index = max(0, frees[count - 1] - mirrors.DATA_OFFSET)
+            largest = per_index * chosen.layout.stripe_width
         response = csi_pb2.GetCapacityResponse(available_capacity=sum(n.free for n in space))
         response.maximum_volume_size.value = largest
         return response
@@ -480,7 +503,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     def _grow(self, volume: Volume, size: int) -> None:
         vid = volume.metadata.name
         count = len(volume.spec.segments)
-        segment = size // count
+        layout = volume.spec.layout
+        segment = mirrors.segment_bytes(size, layout.stripe_width, layout.replicas)
         with self._placing:
             space = {n.name: n for n in self.cluster.space(volume.spec.pool)}
             everything = largest_volume(list(space.values()), count)
@@ -532,6 +556,13 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 volume = self.cluster.volume(source)
                 if volume is None:
                     raise not_found(f"source_volume_id: volume {source} does not exist")
+                if volume.spec.layout.replicas > 1:
+                    raise _fail(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"volume {source} is mirrored (replicas: {volume.spec.layout.replicas})"
+                        ": snapshots of mirrored volumes are not supported yet; snapshot a "
+                        'volume of a class with replicas: "1"',
+                    )
                 if len(volume.spec.segments) > 1 and volume.spec.hosts:
                     # Thin snapshots of several segments are not taken at one instant: a
                     # striped volume is snapshotted only while no host can write it.
@@ -651,7 +682,13 @@ def _gone(volume: Volume | None, host: str) -> str | None:
 
 def _condition(volume: Volume) -> csi_pb2.VolumeCondition:
     missing = segments_missing(volume)
-    return csi_pb2.VolumeCondition(abnormal=missing is not None, message=missing or "serving")
+    if missing is not None:
+        return csi_pb2.VolumeCondition(abnormal=True, message=missing)
+    conditions = (volume.status.conditions or []) if volume.status else []
+    mirrored = next((c for c in conditions if c.type == mirrors.CONDITION), None)
+    if mirrored is not None and mirrored.status != "True":
+        return csi_pb2.VolumeCondition(abnormal=True, message=mirrored.message or mirrored.reason)
+    return csi_pb2.VolumeCondition(abnormal=False, message="serving")
 
 
 def _csi_snapshot(snap: Snapshot) -> csi_pb2.Snapshot:

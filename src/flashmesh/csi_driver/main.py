@@ -41,11 +41,13 @@ def run(
         register.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s))
     if mode in ("node", "all"):
         from flashmesh.csi_driver.metrics import watch_paths
+        from flashmesh.csi_driver.mirror_monitor import MirrorMonitor
         from flashmesh.csi_driver.node import Node
 
         watch_paths()
         node = Node.from_host(fabric=fabric, namespace=namespace, kubeconfig=kubeconfig)
         register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
+        MirrorMonitor(node).start()  # a daemon thread: ends with the process
     server = serve(endpoints, register)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,13 +17,13 @@ from typing import Any
 
 import grpc
 
-from flashmesh.core import params
+from flashmesh.core import mirrors, params
 from flashmesh.core.resources import TOPOLOGY_KEY
 from flashmesh.csi_driver import capabilities
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.csi_driver.errors import CsiError, invalid, not_found, require
 from flashmesh.csi_driver.locks import VolumeLocks
-from flashmesh.dataplane import assembly, filesystem, identity, process, rdma
+from flashmesh.dataplane import assembly, filesystem, identity, mirror, process, rdma
 from flashmesh.dataplane.initiator import nvme, sysfs
 from flashmesh.dataplane.process import CommandError, SecretRunner
 
@@ -78,13 +78,18 @@ class KeySecrets:
 
 @dataclass
 class Staged:
-    """What NodeStage did for one volume."""
+    """What NodeStage did for one volume. A mirrored one also keeps its md arrays (one per
+    stripe index), which replica each subsystem is, and how to connect them again."""
 
     nqns: list[str]
     device: str
     dm: str | None
     block: bool
     fstype: str | None
+    md: list[str] = field(default_factory=list)
+    members: dict[str, list[int]] = field(default_factory=dict)  # nqn -> [index, replica]
+    segments: list[dict[str, Any]] = field(default_factory=list)  # as publish_context has them
+    context: dict[str, str] = field(default_factory=dict)  # volume_context
 
 
 @dataclass
@@ -98,15 +103,22 @@ class Node(csi_pb2_grpc.NodeServicer):
     key_source: Any = None
     max_volumes: int = 128
     locks: VolumeLocks = field(default_factory=VolumeLocks)
+    # Reads and writes mirrored Volumes' replica records (None: no API access, so no
+    # mirrored volume can be staged here).
+    replica_status: Any = None
 
     @classmethod
     def from_host(cls, fabric: str, namespace: str, kubeconfig: str | None) -> Node:
         smbios = identity.SMBIOS_UUID.read_text().strip().lower()
-        keys = None
+        keys = replicas = None
+        host = identity.host_nqn()
         if kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
+            from flashmesh.csi_driver.replica_status import ReplicaStatus
+
             keys = KeySecrets(namespace, kubeconfig)
+            replicas = ReplicaStatus(kubeconfig, host)
         state = Path(os.environ.get("FLASHMESH_NODE_STATE", "/var/lib/flashmesh/node"))
-        return cls(identity.host_nqn(), smbios, fabric, state, key_source=keys)
+        return cls(host, smbios, fabric, state, key_source=keys, replica_status=replicas)
 
     # --- information ----------------------------------------------------------------------
 
@@ -153,19 +165,107 @@ class Node(csi_pb2_grpc.NodeServicer):
         cap = request.volume_capability
         with self.locks.hold(vid):
             wanted = request.volume_context.get(DHCHAP_CONTEXT) == "true"
-            secret = self._secret(wanted, dict(request.secrets))
-            devices = [self._connect(s["nqn"], s["endpoints"], chosen, secret) for s in segments]
-            nqns = [s["nqn"] for s in segments]
-            device, dm = self._assemble(vid, devices)
+            secret = self.secret(wanted, dict(request.secrets))
             block = cap.WhichOneof("access_type") == "block"
             fstype = None if block else capabilities.fs_type(cap)
-            self._save(vid, Staged(nqns, device, dm, block, fstype))
+            if chosen.layout.replicas > 1:
+                staged = self._stage_mirrored(vid, segments, chosen, secret)
+                staged.block, staged.fstype = block, fstype
+                staged.context = dict(request.volume_context)
+                device = staged.device
+            else:
+                devices = [self.connect(s["nqn"], s["endpoints"], chosen, secret) for s in segments]
+                device, dm = self._assemble(vid, devices)
+                staged = Staged([s["nqn"] for s in segments], device, dm, block, fstype)
+            self._save(vid, staged)
             if not block:
                 assert fstype is not None
                 self._mount_staged(vid, device, staging, fstype, cap)
         return csi_pb2.NodeStageVolumeResponse()
 
-    def _secret(self, wanted: bool, given: dict[str, str]) -> str | None:
+    def _stage_mirrored(
+        self, vid: str, segments: list[dict[str, Any]], chosen: params.VolumeParams,
+        secret: str | None,
+    ) -> Staged:  # fmt: skip
+        """One md RAID1 per stripe index over its replicas, striped when the width is above
+        1; never from replicas the Volume's status says are behind (see core.mirrors)."""
+        if self.replica_status is None:
+            raise _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"volume {vid} is mirrored and this node plugin has no Kubernetes API access"
+                " to read which replicas are in sync: run it with a kubeconfig or in a pod",
+            )
+        layout = chosen.layout
+        by_key = {(int(s.get("index", 0)), int(s.get("replica", 0))): s for s in segments}
+        nodes = {k: str(s.get("node", "?")) for k, s in by_key.items()}
+        devices: dict[mirrors.Key, str] = {}
+        for key, seg in sorted(by_key.items()):
+            try:
+                devices[key] = self.connect(seg["nqn"], seg["endpoints"], chosen, secret)
+            except CsiError as exc:
+                log.warning("volume %s: replica %s unreachable: %s", vid, key, exc)
+        records, volume = self.replica_status.read(vid)
+        try:
+            plan = mirrors.plan_stage(
+                layout.stripe_width, layout.replicas, records, set(devices), nodes
+            )
+        except mirrors.StageRefused as exc:
+            for key in devices:
+                nvme.disconnect(self.runner, by_key[key]["nqn"])
+            raise _fail(grpc.StatusCode.UNAVAILABLE, f"volume {vid}: {exc}") from None
+        arrays = []
+        try:
+            for index in range(layout.stripe_width):
+                name = mirrors.md_name(vid, index)
+                members = [devices[(index, r)] for r in plan.assemble[index]]
+                if mirror.kernel_name(name) is None:
+                    if not any(mirror.has_superblock(self.runner, d) for d in members):
+                        absent = ["missing"] * (layout.replicas - len(members))
+                        mirror.create(self.runner, name, [*members, *absent])
+                    else:
+                        mirror.assemble(self.runner, name, members)
+                for replica in plan.re_add[index]:
+                    mirror.re_add(self.runner, name, devices[(index, replica)])
+                arrays.append(mirror.md_path(name))
+        except mirror.MirrorError as exc:
+            raise _fail(grpc.StatusCode.INTERNAL, f"assembling {vid}: {exc}") from None
+        device, dm = self._assemble(vid, arrays)
+        staged = Staged(
+            [s["nqn"] for _, s in sorted(by_key.items())], device, dm, False, None,
+            md=[mirrors.md_name(vid, i) for i in range(layout.stripe_width)],
+            members={s["nqn"]: [k[0], k[1]] for k, s in by_key.items()},
+            segments=segments,
+        )  # fmt: skip
+        self.record_replicas(vid, staged, volume)
+        return staged
+
+    def record_replicas(self, vid: str, staged: Staged, volume: dict[str, Any]) -> None:
+        """The Volume's replica records as md sees them now (written only on a change)."""
+        if self.replica_status is None or not volume:
+            return
+        before = mirrors.records_from_status((volume.get("status") or {}).get("replicas"))
+        replicas = max((k[1] for k in staged.members.values()), default=0) + 1
+        now: dict[mirrors.Key, mirrors.ReplicaRecord] = {}
+        for index, name in enumerate(staged.md):
+            state = mirror.array_state(name)
+            if state is None:
+                continue
+            device_replica = {
+                Path(sysfs.namespace_device(nqn) or "").name: key[1]
+                for nqn, key in staged.members.items()
+                if key[0] == index
+            }
+            members = {
+                device_replica[d]: s for d, s in state.members.items() if d in device_replica
+            }
+            now |= mirrors.record(
+                index, mirrors.index_states(members, replicas), before,
+                mirrors.sync_percent(state.sync_completed),
+            )  # fmt: skip
+        if now and now != before:
+            self.replica_status.write(vid, now, volume)
+
+    def secret(self, wanted: bool, given: dict[str, str]) -> str | None:
         """This host's DH-HMAC-CHAP key: from the node-stage secret a StorageClass names
         (key `dhchapKey`), else from the host's key Secret (the layout the agents read)."""
         if not wanted:
@@ -184,7 +284,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         key: str = keys[self.host_nqn]
         return key
 
-    def _connect(
+    def connect(
         self, nqn: str, endpoints: list[str], chosen: params.VolumeParams, secret: str | None
     ) -> str:
         parsed = [(e.split(":", 1)[0], *e.split(":", 1)[1].rsplit(":", 1)) for e in endpoints]
@@ -270,14 +370,19 @@ class Node(csi_pb2_grpc.NodeServicer):
         with self.locks.hold(vid):
             try:
                 filesystem.unmount(self.runner, staging)
-                staged = self._load(vid)
+                staged = self.load(vid)
                 if staged is not None:
                     if staged.dm:
                         assembly.remove(self.runner, staged.dm)
+                    for name in staged.md:
+                        mirror.stop(self.runner, name)
                     for nqn in staged.nqns:
                         nvme.disconnect(self.runner, nqn)
                     self._state(vid).unlink(missing_ok=True)
-            except (filesystem.FilesystemError, assembly.AssemblyError, nvme.InitiatorError) as exc:
+            except (
+                filesystem.FilesystemError, assembly.AssemblyError, nvme.InitiatorError,
+                mirror.MirrorError,
+            ) as exc:  # fmt: skip
                 raise _fail(grpc.StatusCode.INTERNAL, f"unstaging {vid}: {exc}") from None
         return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -288,7 +393,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         require(request, "volume_id", "target_path", "staging_target_path", "volume_capability")
         capabilities.check([request.volume_capability], "volume_capability")
         with self.locks.hold(vid):
-            staged = self._load(vid)
+            staged = self.load(vid)
             if staged is None:
                 raise _fail(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -343,7 +448,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         require(request, "volume_id", "volume_path")
         if not Path(path).exists():
             raise not_found(f"volume_path {path} does not exist")
-        staged = self._load(vid)
+        staged = self.load(vid)
         if staged is None:
             raise not_found(f"volume {vid} is not staged on this node")
         Unit = csi_pb2.VolumeUsage
@@ -374,6 +479,15 @@ class Node(csi_pb2_grpc.NodeServicer):
         ]
         if not any(sysfs.path_states(nqn) for nqn in staged.nqns):
             down.append("no path is connected")
+        for name in staged.md:
+            state = mirror.array_state(name)
+            if state is None:
+                down.append(f"md array {name} is not assembled")
+                continue
+            behind = sorted(d for d, s in state.members.items() if s != mirrors.IN_SYNC)
+            if behind or len(state.members) < len({k[1] for k in staged.members.values()}):
+                missing = ", ".join(behind) or "a member is missing"
+                down.append(f"md array {name} is degraded ({missing})")
         condition = csi_pb2.VolumeCondition(
             abnormal=bool(down), message="; ".join(down) or "all paths live"
         )
@@ -385,20 +499,29 @@ class Node(csi_pb2_grpc.NodeServicer):
         if not Path(path).exists():
             raise not_found(f"volume_path {path} does not exist")
         with self.locks.hold(vid):
-            staged = self._load(vid)
+            staged = self.load(vid)
             if staged is None:
                 raise not_found(f"volume {vid} is not staged on this node")
-            wanted = request.capacity_range.required_bytes // 512 // max(len(staged.nqns), 1)
+            width = len(staged.md) or len(staged.nqns)
+            per_leg = request.capacity_range.required_bytes // max(width, 1)
+            if staged.md:
+                per_leg += mirrors.DATA_OFFSET
             try:
-                devices = self._grown_devices(staged.nqns, wanted)
+                devices = self._grown_devices(staged.nqns, per_leg // 512)
+                legs = devices
+                if staged.md:
+                    for name in staged.md:
+                        mirror.grow(self.runner, name)
+                    legs = [mirror.md_path(name) for name in staged.md]
                 if staged.dm:
-                    sizes = [sysfs.block_sectors(Path(d).name) or 0 for d in devices]
-                    assembly.ensure_striped(
-                        self.runner, staged.dm, devices, min(sizes), CHUNK_SECTORS
-                    )
+                    sizes = [sysfs.block_sectors(Path(os.path.realpath(d)).name) or 0 for d in legs]
+                    assembly.ensure_striped(self.runner, staged.dm, legs, min(sizes), CHUNK_SECTORS)
                 if not staged.block and staged.fstype:
                     filesystem.grow(self.runner, staged.device, path, staged.fstype)
-            except (nvme.InitiatorError, assembly.AssemblyError, filesystem.FilesystemError) as exc:
+            except (
+                nvme.InitiatorError, assembly.AssemblyError, filesystem.FilesystemError,
+                mirror.MirrorError,
+            ) as exc:  # fmt: skip
                 raise _fail(grpc.StatusCode.INTERNAL, f"expanding {vid}: {exc}") from None
             sectors = sysfs.block_sectors(Path(os.path.realpath(staged.device)).name) or 0
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=sectors * 512)
@@ -435,7 +558,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         tmp.write_text(json.dumps(staged.__dict__))
         tmp.replace(self._state(vid))
 
-    def _load(self, vid: str) -> Staged | None:
+    def load(self, vid: str) -> Staged | None:
         try:
             return Staged(**json.loads(self._state(vid).read_text()))
         except FileNotFoundError:

@@ -1,0 +1,322 @@
+"""Surviving faults without losing a write, in the lab.
+
+- A mirrored volume (replicas: 2, md RAID1 over segments on storage-0 and storage-1) under
+  fio --verify on GPU-0 while storage-1 is hard-killed: I/O goes on with zero verify
+  errors (the stall is measured and printed), the Volume's status records the replica
+  behind; storage-1 comes back, its replica is re-added and resynced through the bitmap,
+  and both replicas hold the same bytes (checksums of their data on the storage VMs).
+- A single-segment volume whose storage node dies fails I/O within keep-alive timeout +
+  detection + its fast_io_fail_tmo, never after the kernel's 600 s default.
+- The node plugin and both agents restarted (new processes) while fio --verify runs on a
+  volume striped over both storage VMs: zero errors."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from agents import API, NODES, POOL, agent_log, node_name, start_agent, stop_agent
+from csi import controller, controller_log, controller_stub, node_log, node_stub, start_node_plugin
+from helpers import GPU0, Scenario, sh
+
+from flashmesh.core import mirrors, naming
+from flashmesh.csi_driver._proto import csi_pb2
+from flashmesh.lab import processes
+from flashmesh.lab.cluster import LocalCluster
+from flashmesh.lab.vm import Lab, host_nqn
+
+pytestmark = pytest.mark.kernel
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+BLOCK = csi_pb2.VolumeCapability(
+    block=csi_pb2.VolumeCapability.BlockVolume(),
+    access_mode=csi_pb2.VolumeCapability.AccessMode(mode=Mode.SINGLE_NODE_WRITER),
+)
+VM = GPU0.name
+FIO_MIB = 48  # fio's region; the stall probe writes beyond it
+PROBE_BLOCK = 16384  # 4 KiB block number 16384: 64 MiB in
+
+
+@dataclass
+class Driver:
+    controller: Any
+    node: Any
+
+
+@pytest.fixture(scope="module")
+def driver(lab: Lab, agents: LocalCluster) -> Iterator[Driver]:
+    with controller(lab, agents) as address:
+        start_node_plugin(lab, agents, VM)
+        yield Driver(controller_stub(address), node_stub(GPU0.address(0)))
+
+
+@dataclass
+class Staged:
+    volume: csi_pb2.Volume
+    device: str
+
+
+def stage(driver: Driver, name: str, mib: int, **parameters: str) -> Staged:
+    volume = driver.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=mib << 20),
+            volume_capabilities=[BLOCK], parameters={"pool": POOL, "transport": "tcp",
+                                                     **parameters},
+        ),
+        timeout=600,
+    ).volume  # fmt: skip
+    vid = volume.volume_id
+    published = driver.controller.ControllerPublishVolume(
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id=host_nqn(VM), volume_capability=BLOCK,
+            volume_context=volume.volume_context,
+        ),
+        timeout=600,
+    )  # fmt: skip
+    staging, target = f"/run/faults/{vid}/staging", f"/run/faults/{vid}/device"
+    driver.node.NodeStageVolume(
+        csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid, publish_context=published.publish_context,
+            staging_target_path=staging, volume_capability=BLOCK,
+            volume_context=volume.volume_context,
+        ),
+        timeout=600,
+    )  # fmt: skip
+    driver.node.NodePublishVolume(
+        csi_pb2.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=staging, target_path=target,
+            volume_capability=BLOCK, volume_context=volume.volume_context,
+        ),
+        timeout=300,
+    )  # fmt: skip
+    return Staged(volume, target)
+
+
+def unstage(driver: Driver, staged: Staged) -> None:
+    vid = staged.volume.volume_id
+    driver.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=staged.device), timeout=300
+    )
+    driver.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vid, staging_target_path=f"/run/faults/{vid}/staging"
+        ),
+        timeout=300,
+    )
+    driver.controller.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(VM)),
+        timeout=600,
+    )
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=600)
+
+
+class VerifyLoop:
+    """fio --verify passes over the device, one after another, until stopped; each pass
+    writes the region with checksums and reads every block back."""
+
+    def __init__(self, lab: Lab, device: str, tag: str) -> None:
+        self.lab, self.tag = lab, tag
+        self.log = f"/run/faults/{tag}.passes"
+        script = (
+            f"rm -f /run/faults/{tag}.stop; : > {self.log}; i=0\n"
+            f"while [ ! -e /run/faults/{tag}.stop ]; do\n"
+            f"  i=$((i + 1))\n"
+            f"  if fio --name=p$i --filename={device} --direct=1 --ioengine=libaio"
+            f" --rw=randwrite --bs=16k --iodepth=4 --size={FIO_MIB}M --verify=crc32c"
+            f" --verify_fatal=1 --randrepeat=0 > /run/faults/{tag}.$i.out 2>&1; then\n"
+            f'    echo "$(date +%s.%N) pass $i ok" >> {self.log}\n'
+            f"  else\n"
+            f'    echo "$(date +%s.%N) pass $i FAILED" >> {self.log}\n'
+            f"    tail -20 /run/faults/{tag}.$i.out >> {self.log}\n"
+            f"  fi\n"
+            f"done"
+        )
+        lab.exec(VM, "mkdir -p /run/faults")
+        self.job = lab.spawn(VM, script)
+
+    def passes(self) -> list[str]:
+        out = self.lab.exec(VM, f"cat {self.log} 2>/dev/null || true", check=False).output
+        return [line for line in out.splitlines() if " pass " in line]
+
+    def ok_after(self, count: int) -> bool:
+        return sum(1 for p in self.passes() if p.endswith(" ok")) >= count
+
+    def stop(self) -> list[str]:
+        self.lab.exec(VM, f"touch /run/faults/{self.tag}.stop")
+        self.lab.wait(VM, self.job, timeout=600)
+        return self.passes()
+
+
+def start_probe(lab: Lab, device: str) -> str:
+    """Small synchronous writes past fio's region, each completion's time logged: the
+    longest gap is how long writes stalled."""
+    return lab.spawn(VM, (
+        "rm -f /run/faults/probe.stop; : > /run/faults/probe\n"
+        "while [ ! -e /run/faults/probe.stop ]; do\n"
+        f"  dd if=/dev/zero of={device} bs=4k count=1 seek={PROBE_BLOCK} oflag=direct,dsync"
+        " conv=notrunc 2>/dev/null && date +%s.%N >> /run/faults/probe\n"
+        "done"
+    ))  # fmt: skip
+
+
+def longest_gap(lab: Lab, job: str) -> float:
+    lab.exec(VM, "touch /run/faults/probe.stop")
+    lab.wait(VM, job, timeout=120)
+    stamps = [float(t) for t in lab.exec(VM, "cat /run/faults/probe").output.split()]
+    return max((b - a for a, b in itertools.pairwise(stamps)), default=0.0)
+
+
+def replicas(kube: Any, vid: str) -> dict[tuple[int, int], bool]:
+    found = (kube.get(API, "Volume", vid) or {}).get("status") or {}
+    return {(r["index"], r["replica"]): r["inSync"] for r in found.get("replicas") or []}
+
+
+def in_sync_condition(kube: Any, vid: str) -> dict[str, Any]:
+    found = (kube.get(API, "Volume", vid) or {}).get("status") or {}
+    return next((c for c in found.get("conditions") or [] if c["type"] == mirrors.CONDITION), {})
+
+
+def data_checksum(lab: Lab, vm: str, vid: str, replica: int) -> str:
+    lv = naming.lv_device(naming.pool_volume_group(POOL), naming.segment_lv(vid, 0, replica))
+    skip = mirrors.DATA_OFFSET >> 20
+    out = sh(lab, vm, f"dd if={lv} bs=1M skip={skip} count={FIO_MIB + 16} 2>/dev/null"
+                      " | sha256sum")  # fmt: skip
+    return out.split()[0]
+
+
+def test_a_mirror_loses_a_storage_node_without_losing_a_write_then_resyncs(
+    lab: Lab, agents: LocalCluster, driver: Driver, scenario: Scenario
+) -> None:
+    kube = agents.kube
+    staged = stage(driver, "mirror-faults", 96, replicas="2")
+    vid = staged.volume.volume_id
+    spec = (kube.get(API, "Volume", vid) or {})["spec"]
+    where = {s["replica"]: s["node"] for s in spec["segments"]}
+    assert sorted(where.values()) == sorted(node_name(n.name) for n in NODES)
+    # Replica 1's node is lost; replica 0's carries on.
+    lost_replica = 1
+    lost = next(n for n in NODES if node_name(n.name) == where[lost_replica])
+    kept = next(n for n in NODES if n is not lost)
+    logs = lambda: (f"{node_log(lab, VM)}\n{controller_log(lab)}\n"  # noqa: E731
+                    f"{agent_log(lab, lost.name)}")  # fmt: skip
+
+    loop = VerifyLoop(lab, staged.device, "mirror")
+    probe = start_probe(lab, staged.device)
+    assert processes.wait_until(lambda: loop.ok_after(1), 600), loop.passes()
+
+    lab.kill(lost.name)
+    killed_at = time.monotonic()
+    behind = processes.wait_until(lambda: replicas(kube, vid).get((0, lost_replica)) is False, 180)
+    assert behind, f"{replicas(kube, vid)}\n{logs()}"
+    condition = in_sync_condition(kube, vid)
+    assert condition["status"] == "False" and node_name(lost.name) in condition["message"]
+    done_before = len(loop.passes())
+    assert processes.wait_until(lambda: loop.ok_after(done_before + 2), 900), loop.passes()
+    degraded_for = time.monotonic() - killed_at
+
+    lab.restart(lost.name)
+    start_agent(lab, lost)
+    resynced = processes.wait_until(
+        lambda: (
+            replicas(kube, vid) == {(0, 0): True, (0, 1): True}
+            and in_sync_condition(kube, vid).get("status") == "True"
+        ),
+        900,
+    )
+    assert resynced, f"{replicas(kube, vid)} {in_sync_condition(kube, vid)}\n{logs()}"
+    stall = longest_gap(lab, probe)
+    passes = loop.stop()
+    failed = [p for p in passes if not p.endswith(" ok")]
+    assert not failed, "\n".join(passes)
+    assert len(passes) >= done_before + 2
+    detail = sh(lab, VM, f"mdadm --detail {mirror_path(vid)}")
+    assert "Active Devices : 2" in detail and "clean" in detail, detail
+
+    unstage_only(driver, staged)
+    sums = {vm.name: data_checksum(lab, vm.name, vid, r) for r, vm in
+            ((lost_replica, lost), (1 - lost_replica, kept))}  # fmt: skip
+    assert len(set(sums.values())) == 1, sums
+    delete(driver, staged)
+    scenario.done(
+        f"mirror under fio --verify: {lost.name} killed, {len(passes)} passes, 0 verify "
+        f"errors; writes stalled {stall:.1f} s at most; degraded {degraded_for:.0f} s; "
+        f"resynced; replicas identical ({next(iter(sums.values()))[:12]})"
+    )
+
+
+def mirror_path(vid: str) -> str:
+    return f"/dev/md/{mirrors.md_name(vid, 0)}"
+
+
+def unstage_only(driver: Driver, staged: Staged) -> None:
+    vid = staged.volume.volume_id
+    driver.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=staged.device), timeout=300
+    )
+    driver.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vid, staging_target_path=f"/run/faults/{vid}/staging"
+        ),
+        timeout=300,
+    )
+
+
+def delete(driver: Driver, staged: Staged) -> None:
+    vid = staged.volume.volume_id
+    driver.controller.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(VM)),
+        timeout=600,
+    )
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=600)
+
+
+def test_a_lost_single_segment_fails_io_within_its_timeouts(
+    lab: Lab, agents: LocalCluster, driver: Driver, scenario: Scenario
+) -> None:
+    kube = agents.kube
+    timeouts = {"keepAliveTmo": "5", "fastIoFailTmo": "5", "ctrlLossTmo": "60"}
+    staged = stage(driver, "single-faults", 32, **timeouts)
+    vid = staged.volume.volume_id
+    node = (kube.get(API, "Volume", vid) or {})["spec"]["segments"][0]["node"]
+    lost = next(n for n in NODES if node_name(n.name) == node)
+    sh(lab, VM, f"dd if=/dev/zero of={staged.device} bs=4k count=1 oflag=direct")
+    lab.kill(lost.name)
+    # A write issued once the node is gone: it must fail (not hang), within
+    # keep-alive (5 s) + detection + fast_io_fail_tmo (5 s); the job's own bound is far
+    # below the kernel's 600 s default.
+    out = lab.exec(VM, (
+        f"t0=$(date +%s.%N); dd if=/dev/zero of={staged.device} bs=4k count=1 seek=1"
+        f" oflag=direct 2>&1; rc=$?; t1=$(date +%s.%N); echo \"rc=$rc took $t0 $t1\""
+    ), timeout=300).output  # fmt: skip
+    line = next(x for x in out.splitlines() if x.startswith("rc="))
+    rc, _, t0, t1 = line.split()
+    assert rc != "rc=0", out
+    took = float(t1) - float(t0)
+    lab.restart(lost.name)
+    start_agent(lab, lost)
+    unstage(driver, staged)
+    scenario.done(f"{lost.name} killed: a write failed after {took:.1f} s (keep-alive 5 s +"
+                  " fast_io_fail_tmo 5 s), not the kernel's 600 s")  # fmt: skip
+
+
+def test_restarting_the_node_plugin_and_agents_under_fio_verify(
+    lab: Lab, agents: LocalCluster, driver: Driver, scenario: Scenario
+) -> None:
+    staged = stage(driver, "restarts-faults", 64, stripeWidth="2")
+    loop = VerifyLoop(lab, staged.device, "restarts")
+    assert processes.wait_until(lambda: loop.ok_after(1), 600), loop.passes()
+    start_node_plugin(lab, agents, VM)  # a new process in place of the running one
+    for spec in NODES:
+        stop_agent(lab, spec)
+        start_agent(lab, spec)
+    done = len(loop.passes())
+    assert processes.wait_until(lambda: loop.ok_after(done + 2), 900), loop.passes()
+    passes = loop.stop()
+    assert not [p for p in passes if not p.endswith(" ok")], "\n".join(passes)
+    unstage(driver, staged)
+    scenario.done(f"node plugin and both agents restarted under fio --verify: "
+                  f"{len(passes)} passes, 0 errors")  # fmt: skip

@@ -1,0 +1,105 @@
+"""The node plugin's watch over the mirrored volumes it has staged.
+
+Every few seconds each mirrored volume's md arrays are read. A member md failed (its
+storage node or path went down) is removed from the array; a replica whose subsystem is
+reachable again is connected if need be and re-added, so md resyncs what the bitmap says
+it missed; and the Volume's replica records and ReplicasInSync condition follow what md
+reports. The volume's lock is taken for each pass, so a pass never races a CSI call on it
+(a busy volume waits for the next pass)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flashmesh.core import mirrors, params
+from flashmesh.csi_driver.errors import CsiError
+from flashmesh.dataplane import mirror
+from flashmesh.dataplane.initiator import sysfs
+
+if TYPE_CHECKING:
+    from flashmesh.csi_driver.node import Node, Staged
+
+log = logging.getLogger(__name__)
+
+
+class MirrorMonitor:
+    def __init__(self, node: Node, interval: float = 2.0, reconnect_every: float = 10.0) -> None:
+        self.node, self.interval, self.reconnect_every = node, interval, reconnect_every
+        self._tried: dict[str, float] = {}  # nqn -> when a reconnect was last tried
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            self.pass_once()
+
+    def start(self) -> threading.Event:
+        stop = threading.Event()
+        threading.Thread(target=self.run, args=(stop,), name="mirror-monitor", daemon=True).start()
+        return stop
+
+    def pass_once(self) -> None:
+        for path in sorted(self.node.state_dir.glob("*.json")):
+            vid = path.stem
+            try:
+                found = self.node.load(vid)
+                if found is None or not found.md:
+                    continue  # not mirrored: never take its lock (a CSI call would get ABORTED)
+                with self.node.locks.hold(vid):
+                    staged = self.node.load(vid)
+                    if staged is not None and staged.md:
+                        self.check(vid, staged)
+            except CsiError:
+                continue  # a CSI call holds the volume: the next pass looks again
+            except Exception:
+                log.exception("mirror monitor: volume %s", vid)
+
+    def check(self, vid: str, staged: Staged) -> None:
+        runner = self.node.runner
+        for index, name in enumerate(staged.md):
+            state = mirror.array_state(name)
+            if state is None:
+                continue
+            if mirrors.FAULTY in state.members.values():
+                log.warning("volume %s: md failed a member of %s; removing it", vid, name)
+                mirror.remove_failed(runner, name)
+                state = mirror.array_state(name) or state
+            for nqn, (i, replica) in sorted(staged.members.items()):
+                if i != index:
+                    continue
+                device = self._device(nqn, staged)
+                if device is None or Path(device).name in state.members:
+                    continue
+                if not any(s == "live" for *_, s in sysfs.path_states(nqn)):
+                    continue
+                log.info("volume %s: replica %d of segment %d is back; re-adding", vid, replica, i)
+                try:
+                    mirror.re_add(runner, name, device)
+                except mirror.MirrorError as exc:
+                    log.warning("volume %s: %s", vid, exc)
+        if self.node.replica_status is not None:
+            _, volume = self.node.replica_status.read(vid)
+            self.node.record_replicas(vid, staged, volume)
+
+    def _device(self, nqn: str, staged: Staged) -> str | None:
+        """The replica's block device; connected again (at most every reconnect_every
+        seconds) when its controller is gone, e.g. after its ctrl_loss_tmo ran out."""
+        found = sysfs.namespace_device(nqn)
+        if found:
+            return f"/dev/{Path(found).name}"
+        if time.monotonic() - self._tried.get(nqn, float("-inf")) < self.reconnect_every:
+            return None
+        self._tried[nqn] = time.monotonic()
+        seg = next((s for s in staged.segments if s["nqn"] == nqn), None)
+        if seg is None:
+            return None
+        chosen = params.from_context(staged.context)
+        wanted = staged.context.get("dhchap") == "true"
+        try:
+            secret = self.node.secret(wanted, {})
+            return self.node.connect(nqn, seg["endpoints"], chosen, secret)
+        except CsiError as exc:
+            log.info("volume %s: replica %s still unreachable: %s", staged.device, nqn, exc)
+            return None

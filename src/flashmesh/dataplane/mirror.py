@@ -1,0 +1,121 @@
+"""md RAID1 arrays over a mirrored volume's replica segments, through mdadm and sysfs.
+
+Arrays are named (/dev/md/<volume id>-s<index>) and always assembled from an explicit
+device list, never by scanning, so a node never picks up another volume's members. The
+guest has no udev: mdadm makes the /dev/md/ names itself. The decisions (which members,
+when a replica counts as in sync) are in flashmesh.core.mirrors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashmesh.core import mirrors
+from flashmesh.dataplane import process
+from flashmesh.dataplane.process import CommandError, Runner
+
+SYS_BLOCK = Path("/sys/block")
+DEV_MD = Path("/dev/md")
+
+
+class MirrorError(RuntimeError):
+    pass
+
+
+def md_path(name: str) -> str:
+    return str(DEV_MD / name)
+
+
+def kernel_name(name: str) -> str | None:
+    """mdNNN behind /dev/md/<name>, or None when the array is not assembled."""
+    try:
+        return Path(os.path.realpath(md_path(name))).name if (DEV_MD / name).exists() else None
+    except OSError:
+        return None
+
+
+def _mdadm(runner: Runner, argv: Sequence[str], what: str) -> process.Result:
+    try:
+        return process.check(runner, ["mdadm", *argv])
+    except CommandError as exc:
+        raise MirrorError(f"{what}: {exc}") from None
+
+
+def has_superblock(runner: Runner, device: str) -> bool:
+    """True when the device carries an md superblock (it was a member before). Not
+    --brief: that exits 0 on a device with no superblock at all."""
+    return runner(["mdadm", "--examine", device]).rc == 0
+
+
+def create(runner: Runner, name: str, devices: Sequence[str]) -> str:
+    """A new RAID1 over fresh replicas. --assume-clean: thin volumes read as zeros on
+    every replica, so an initial sync would only allocate them in full."""
+    _mdadm(
+        runner,
+        ["--create", md_path(name), "--run", "--level=1", f"--raid-devices={len(devices)}",
+         "--metadata=1.2", "--bitmap=internal", "--assume-clean",
+         f"--data-offset={mirrors.DATA_OFFSET // 1024}K", f"--name={name}",
+         "--homehost=<none>", *devices],
+        f"creating {name}",
+    )  # fmt: skip
+    return md_path(name)
+
+
+def assemble(runner: Runner, name: str, devices: Sequence[str]) -> str:
+    """Starts the array from exactly these members (degraded if fewer than all)."""
+    if kernel_name(name) is None:
+        _mdadm(runner, ["--assemble", md_path(name), "--run", *devices], f"assembling {name}")
+    return md_path(name)
+
+
+def re_add(runner: Runner, name: str, device: str) -> None:
+    """Adds a member back; with the bitmap only what it missed is copied. A member the
+    bitmap cannot cover is added as new (a full resync)."""
+    if runner(["mdadm", md_path(name), "--re-add", device]).rc == 0:
+        return
+    runner(["mdadm", "--zero-superblock", device])
+    _mdadm(runner, [md_path(name), "--add", device], f"adding {device} to {name}")
+
+
+def remove_failed(runner: Runner, name: str) -> None:
+    """Drops members md failed or whose device went away, so they can be added back."""
+    for keyword in ("failed", "detached"):
+        runner(["mdadm", md_path(name), "--remove", keyword])
+
+
+def stop(runner: Runner, name: str) -> None:
+    if kernel_name(name) is not None:
+        _mdadm(runner, ["--stop", md_path(name)], f"stopping {name}")
+
+
+def grow(runner: Runner, name: str) -> None:
+    """The array takes its members' new size."""
+    _mdadm(runner, ["--grow", md_path(name), "--size=max"], f"growing {name}")
+
+
+@dataclass(frozen=True)
+class ArrayState:
+    members: dict[str, str]  # member block device (nvmeXnY) -> mirrors.member_state
+    sync_action: str
+    sync_completed: str
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def array_state(name: str, root: Path = SYS_BLOCK) -> ArrayState | None:
+    md = kernel_name(name)
+    if md is None:
+        return None
+    base = root / md / "md"
+    members = {}
+    for dev in sorted(base.glob("dev-*")):
+        block = dev.name.removeprefix("dev-")
+        members[block] = mirrors.member_state(_read(dev / "state"))
+    return ArrayState(members, _read(base / "sync_action"), _read(base / "sync_completed"))

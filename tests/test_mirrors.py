@@ -1,0 +1,94 @@
+"""Mirrored volumes' decisions: which replicas NodeStage may assemble, how md's member
+states become the Volume's replica records and its ReplicasInSync condition."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashmesh.core import mirrors
+from flashmesh.core.mirrors import FAULTY, IN_SYNC, MISSING, RECOVERING, ReplicaRecord
+
+NODES = {(0, 0): "storage-0", (0, 1): "storage-1", (1, 0): "storage-2", (1, 1): "storage-3"}
+
+
+def behind(*keys: tuple[int, int]) -> dict[tuple[int, int], ReplicaRecord]:
+    return {k: ReplicaRecord(k[0], k[1], False, FAULTY) for k in keys}
+
+
+def test_a_mirror_segment_carries_md_metadata_on_top_of_its_share() -> None:
+    assert mirrors.segment_bytes(64 << 20, 1, 1) == 64 << 20
+    assert mirrors.segment_bytes(64 << 20, 2, 2) == (32 << 20) + mirrors.DATA_OFFSET
+    assert mirrors.md_name("fm-0123456789ab", 3) == "fm-0123456789ab-s3"
+    with pytest.raises(ValueError, match="longer than 32"):
+        mirrors.md_name("x" * 40, 0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "state"),
+    [("in_sync", IN_SYNC), ("in_sync,write_error", IN_SYNC), ("faulty", FAULTY),
+     ("faulty,in_sync", FAULTY), ("spare", RECOVERING), ("", RECOVERING)],
+)  # fmt: skip
+def test_member_states_from_mds_flags(flags: str, state: str) -> None:
+    assert mirrors.member_state(flags) == state
+
+
+def test_every_replica_reachable_and_in_sync_is_assembled() -> None:
+    everything = set(NODES)
+    plan = mirrors.plan_stage(2, 2, {}, everything, NODES)
+    assert plan.assemble == {0: [0, 1], 1: [0, 1]}
+    assert plan.re_add == {0: [], 1: []}
+
+
+def test_a_replica_behind_is_added_back_not_assembled() -> None:
+    plan = mirrors.plan_stage(1, 2, behind((0, 1)), {(0, 0), (0, 1)}, NODES)
+    assert plan.assemble == {0: [0]} and plan.re_add == {0: [1]}
+
+
+def test_an_unreachable_replica_leaves_the_mirror_degraded_but_staged() -> None:
+    plan = mirrors.plan_stage(1, 2, {}, {(0, 1)}, NODES)
+    assert plan.assemble == {0: [1]} and plan.re_add == {0: []}
+
+
+def test_only_a_stale_replica_reachable_is_refused_not_rolled_back() -> None:
+    with pytest.raises(mirrors.StageRefused) as refused:
+        mirrors.plan_stage(1, 2, behind((0, 1)), {(0, 1)}, NODES)
+    message = str(refused.value)
+    assert "segment 0" in message
+    assert "replica 0 on storage-0 is unreachable" in message
+    assert "replica 1 on storage-1 is out of sync" in message
+    assert "bring the storage node of an in-sync replica back" in message
+
+
+def test_records_follow_md_and_keep_their_first_message() -> None:
+    states = {0: IN_SYNC, 1: FAULTY}
+    first = mirrors.record(0, states, {})
+    assert first[(0, 0)].in_sync and not first[(0, 1)].in_sync
+    assert "I/O goes on without it" in first[(0, 1)].message
+    assert mirrors.record(0, states, first) == first  # unchanged: nothing to write
+    resync = mirrors.record(0, {0: IN_SYNC, 1: RECOVERING}, first, 42.0)
+    assert resync[(0, 1)] == ReplicaRecord(0, 1, False, RECOVERING, "resyncing: 42% resynced")
+    back = mirrors.record(0, {0: IN_SYNC, 1: IN_SYNC}, resync)
+    assert all(r.in_sync for r in back.values())
+
+
+def test_missing_members_count_as_behind() -> None:
+    states = mirrors.index_states({0: IN_SYNC}, 2)
+    assert states == {0: IN_SYNC, 1: MISSING}
+    assert not mirrors.record(0, states, {})[(0, 1)].in_sync
+
+
+def test_status_round_trip_and_condition() -> None:
+    records = mirrors.record(0, {0: IN_SYNC, 1: FAULTY}, {})
+    assert mirrors.records_from_status(mirrors.to_status(records)) == records
+    status, message = mirrors.condition(records, NODES)
+    assert status == "False"
+    assert message.startswith("segment 0 replica 1 on storage-1: Faulty")
+    assert mirrors.condition(mirrors.record(0, {0: IN_SYNC, 1: IN_SYNC}, {}), NODES)[0] == "True"
+    assert mirrors.in_sync({}, (0, 1))  # nothing recorded: created in sync
+
+
+@pytest.mark.parametrize(
+    ("text", "percent"), [("none", None), ("512 / 2048", 25.0), ("x / y", None), ("0 / 0", None)]
+)
+def test_sync_progress(text: str, percent: float | None) -> None:
+    assert mirrors.sync_percent(text) == percent
