@@ -52,6 +52,20 @@ def start_agent(lab: Lab, spec: VmSpec) -> None:
     lab.spawn(spec.name, f"exec {agent_command(spec, '--interval 1 ')}")
 
 
+def fabric_up(lab: Lab, spec: VmSpec) -> None:
+    """storage-0's fabric link carries soft-RoCE, storage-1's does not: made when the
+    session starts and again after every reboot of storage-0."""
+    if spec.name == STORAGE0.name:
+        sh(lab, spec.name, "rxe_up eth0")
+
+
+def restart_storage(lab: Lab, spec: VmSpec) -> None:
+    """A storage VM killed by a scenario booted again, with its fabric and its agent."""
+    lab.restart(spec.name)
+    fabric_up(lab, spec)
+    start_agent(lab, spec)
+
+
 def stop_agent(lab: Lab, spec: VmSpec) -> None:
     lab.exec(spec.name, "pkill -f 'flashmesh.cli agent' || true", check=False)
     assert processes.wait_until(
@@ -75,7 +89,7 @@ def run_agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
     kubeconfig.write_text(crds.portable_kubeconfig(bridge_address(0)))
     # storage-0 has soft-RoCE on its fabric link, storage-1 has not; storage-1's third drive
     # holds a filesystem that the pool's selection matches.
-    sh(lab, STORAGE0.name, "rxe_up eth0")
+    fabric_up(lab, STORAGE0)
     ext4 = lab.drive_serial(STORAGE1.name, 2)
     sh(lab, STORAGE1.name, f"mkfs.ext4 -q -F $(drive_by_serial {ext4})")
     for spec in NODES:

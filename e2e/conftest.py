@@ -11,6 +11,7 @@ import pytest
 from _pytest.runner import runtestprotocol
 from agents import (
     NODES,
+    fabric_up,
     leave_nothing_behind,
     node_name,
     node_status,
@@ -61,6 +62,7 @@ def _healthy_vms(request: pytest.FixtureRequest) -> None:
     cluster = _SESSION.get("agents")
     for spec in NODES:
         if spec.name in revived and isinstance(cluster, LocalCluster):
+            fabric_up(lab, spec)
             start_agent(lab, spec)
             name = node_name(spec.name)
             processes.wait_until(

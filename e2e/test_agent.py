@@ -21,9 +21,9 @@ from agents import (
     logical_volumes,
     node_name,
     node_status,
+    restart_storage,
     segments,
     set_hosts,
-    start_agent,
 )
 from helpers import (
     GPU0,
@@ -240,8 +240,7 @@ def test_a_rebooted_storage_node_exports_the_same_namespace_and_io_resumes(
     assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 32M")), 32 * MIB)
 
     lab.kill(vm)  # pulled: nvmet's configfs is gone with the kernel
-    lab.restart(vm)
-    start_agent(lab, STORAGE1)
+    restart_storage(lab, STORAGE1)
     assert processes.wait_until(
         lambda: sh(lab, GPU, f"path_states {nqn}").split() == [f"{STORAGE1.address(0)}=live"],
         300,

@@ -262,9 +262,21 @@ class SegmentStatus:
 
 
 @dataclass
+class ReplicaStatus:
+    """A mirrored stripe member as the node plugin holding the array last saw it."""
+
+    index: int
+    replica: int
+    in_sync: bool
+    state: str | None = None
+    message: str | None = None
+
+
+@dataclass
 class VolumeStatus:
     phase: str | None = None
     segments: list[SegmentStatus] | None = None
+    replicas: list[ReplicaStatus] | None = None
     conditions: list[Condition] | None = None
     observed_generation: int | None = None
 

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from agents import API, NODES, POOL, agent_log, node_name, start_agent, stop_agent
+from agents import (
+    API,
+    NODES,
+    POOL,
+    agent_log,
+    node_name,
+    restart_storage,
+    start_agent,
+    stop_agent,
+)
 from csi import controller, controller_log, controller_stub, node_log, node_stub, start_node_plugin
 from helpers import GPU0, Scenario, sh
 
@@ -218,8 +227,7 @@ def test_a_mirror_loses_a_storage_node_without_losing_a_write_then_resyncs(
     assert processes.wait_until(lambda: loop.ok_after(done_before + 2), 900), loop.passes()
     degraded_for = time.monotonic() - killed_at
 
-    lab.restart(lost.name)
-    start_agent(lab, lost)
+    restart_storage(lab, lost)
     resynced = processes.wait_until(
         lambda: (
             replicas(kube, vid) == {(0, 0): True, (0, 1): True}
@@ -296,8 +304,7 @@ def test_a_lost_single_segment_fails_io_within_its_timeouts(
     rc, _, t0, t1 = line.split()
     assert rc != "rc=0", out
     took = float(t1) - float(t0)
-    lab.restart(lost.name)
-    start_agent(lab, lost)
+    restart_storage(lab, lost)
     unstage(driver, staged)
     scenario.done(f"{lost.name} killed: a write failed after {took:.1f} s (keep-alive 5 s +"
                   " fast_io_fail_tmo 5 s), not the kernel's 600 s")  # fmt: skip
