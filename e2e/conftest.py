@@ -29,6 +29,15 @@ from flashmesh.lab.vm import Lab
 _SESSION: dict[str, object] = {}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The demo boots a lab of its own: it runs before the first scenario boots the
+    session's lab, so the two labs' emulated CPUs never share the machine's cores."""
+    demo = [i for i in items if i.path.name == "test_demo.py"]
+    rest = [i for i in items if i.path.name != "test_demo.py"]
+    first = next((n for n, i in enumerate(rest) if i.path.parent.name == "e2e"), len(rest))
+    items[:] = rest[:first] + demo + rest[first:]
+
+
 @pytest.fixture(scope="session")
 def lab(
     lab_network: LabNetwork, tmp_path_factory: pytest.TempPathFactory, summary: list[str]
