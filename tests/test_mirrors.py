@@ -3,10 +3,15 @@ states become the Volume's replica records and its ReplicasInSync condition."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 
 from flashmesh.core import mirrors
 from flashmesh.core.mirrors import FAULTY, IN_SYNC, MISSING, RECOVERING, ReplicaRecord
+from flashmesh.dataplane import mirror
+from flashmesh.dataplane.process import Result, Runner
 
 NODES = {(0, 0): "storage-0", (0, 1): "storage-1", (1, 0): "storage-2", (1, 1): "storage-3"}
 
@@ -92,3 +97,39 @@ def test_status_round_trip_and_condition() -> None:
 )
 def test_sync_progress(text: str, percent: float | None) -> None:
     assert mirrors.sync_percent(text) == percent
+
+
+# --- the mdadm and sysfs adapter ---------------------------------------------------------
+
+
+def examined(rc: int, stderr: str) -> Runner:
+    def run(argv: Sequence[str], *, secrets: Sequence[str] = ()) -> Result:
+        return Result(tuple(argv), rc, "", stderr)
+
+    return run
+
+
+def test_only_a_device_mdadm_calls_blank_is_blank() -> None:
+    # An array is created only over members mdadm reads as blank: an I/O error is not that.
+    assert mirror.has_superblock(examined(0, ""), "/dev/nvme1n1")
+    blank = examined(1, "mdadm: No md superblock detected on /dev/nvme1n1.\n")
+    assert not mirror.has_superblock(blank, "/dev/nvme1n1")
+    with pytest.raises(mirror.MirrorError, match="Input/output error"):
+        mirror.has_superblock(examined(1, "mdadm: cannot open: Input/output error"), "/dev/x")
+
+
+def test_a_link_left_to_a_stopped_array_is_not_an_array(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without udev mdadm leaves /dev/md/<name> behind; the kernel reuses mdNNN later.
+    dev, sys_block = tmp_path / "dev", tmp_path / "sys"
+    (dev / "md").mkdir(parents=True)
+    (dev / "md127").touch()
+    (dev / "md" / "fm-1-s0").symlink_to("../md127")
+    monkeypatch.setattr(mirror, "DEV_MD", dev / "md")
+    assert mirror.kernel_name("fm-1-s0", sys_block) is None  # md127 is not running
+    (sys_block / "md127" / "md").mkdir(parents=True)
+    assert mirror.kernel_name("fm-1-s0", sys_block) == "md127"
+    mirror.forget("fm-1-s0")
+    assert not (dev / "md" / "fm-1-s0").is_symlink()
+    assert mirror.kernel_name("fm-1-s0", sys_block) is None

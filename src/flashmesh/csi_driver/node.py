@@ -213,23 +213,23 @@ class Node(csi_pb2_grpc.NodeServicer):
             for key in devices:
                 nvme.disconnect(self.runner, by_key[key]["nqn"])
             raise _fail(grpc.StatusCode.UNAVAILABLE, f"volume {vid}: {exc}") from None
-        arrays = []
+        first = self.load(vid) is None  # not a repeat of a stage that succeeded
+        made: list[str] = []
         try:
-            for index in range(layout.stripe_width):
-                name = mirrors.md_name(vid, index)
-                members = [devices[(index, r)] for r in plan.assemble[index]]
-                if mirror.kernel_name(name) is None:
-                    if not any(mirror.has_superblock(self.runner, d) for d in members):
-                        absent = ["missing"] * (layout.replicas - len(members))
-                        mirror.create(self.runner, name, [*members, *absent])
-                    else:
-                        mirror.assemble(self.runner, name, members)
-                for replica in plan.re_add[index]:
-                    mirror.re_add(self.runner, name, devices[(index, replica)])
-                arrays.append(mirror.md_path(name))
-        except mirror.MirrorError as exc:
+            arrays = [
+                self._mirror_index(vid, index, devices, plan, layout.replicas, made)
+                for index in range(layout.stripe_width)
+            ]
+            device, dm = self._assemble(vid, arrays)
+        except (mirror.MirrorError, CsiError) as exc:
+            if first:  # what this call made goes, so a failed stage leaks nothing
+                for name in made:
+                    mirror.stop(self.runner, name)
+                for key in devices:
+                    nvme.disconnect(self.runner, by_key[key]["nqn"])
+            if isinstance(exc, CsiError):
+                raise
             raise _fail(grpc.StatusCode.INTERNAL, f"assembling {vid}: {exc}") from None
-        device, dm = self._assemble(vid, arrays)
         staged = Staged(
             [s["nqn"] for _, s in sorted(by_key.items())], device, dm, False, None,
             md=[mirrors.md_name(vid, i) for i in range(layout.stripe_width)],
@@ -239,16 +239,52 @@ class Node(csi_pb2_grpc.NodeServicer):
         self.record_replicas(vid, staged, volume)
         return staged
 
+    def _mirror_index(
+        self, vid: str, index: int, devices: dict[mirrors.Key, str], plan: mirrors.StagePlan,
+        replicas: int, made: list[str],
+    ) -> str:  # fmt: skip
+        """The RAID1 of one stripe index, assembled (or created over fresh replicas) from
+        the plan's members; replicas behind are re-added unless md already holds them."""
+        name = mirrors.md_name(vid, index)
+        members = [devices[(index, r)] for r in plan.assemble[index]]
+        ours = {Path(os.path.realpath(d)).name for d in devices.values()}
+        state = mirror.array_state(name)
+        if state is not None and state.members and not set(state.members) & ours:
+            mirror.forget(name)  # a stale link to another volume's array
+            state = None
+        if state is None:
+            mirror.forget(name)  # a link left to an array that is gone
+            if not any(mirror.has_superblock(self.runner, d) for d in members):
+                absent = ["missing"] * (replicas - len(members))
+                mirror.create(self.runner, name, [*members, *absent])
+            else:
+                mirror.assemble(self.runner, name, members)
+            made.append(name)
+            state = mirror.array_state(name)
+        held = set(state.members) if state else set()
+        for replica in plan.re_add[index]:
+            device = devices[(index, replica)]
+            if Path(os.path.realpath(device)).name in held:
+                continue  # a repeat while it resyncs: md has it already
+            try:
+                mirror.re_add(self.runner, name, device)
+            except mirror.MirrorError as exc:  # the monitor tries again
+                log.warning("volume %s: replica %s not re-added yet: %s", vid, replica, exc)
+        return mirror.md_path(name)
+
     def record_replicas(self, vid: str, staged: Staged, volume: dict[str, Any]) -> None:
         """The Volume's replica records as md sees them now (written only on a change)."""
         if self.replica_status is None or not volume:
             return
+        if self.host_nqn not in ((volume.get("spec") or {}).get("hosts") or []):
+            return  # detached from this node: the node holding it now keeps the records
         before = mirrors.records_from_status((volume.get("status") or {}).get("replicas"))
         replicas = max((k[1] for k in staged.members.values()), default=0) + 1
         now: dict[mirrors.Key, mirrors.ReplicaRecord] = {}
         for index, name in enumerate(staged.md):
             state = mirror.array_state(name)
-            if state is None:
+            if state is None:  # not seen now: its records stay as they were
+                now |= {k: r for k, r in before.items() if k[0] == index}
                 continue
             device_replica = {
                 Path(sysfs.namespace_device(nqn) or "").name: key[1]
@@ -325,7 +361,8 @@ class Node(csi_pb2_grpc.NodeServicer):
     def _assemble(self, vid: str, devices: list[str]) -> tuple[str, str | None]:
         if len(devices) == 1:
             return devices[0], None
-        sizes = [sysfs.block_sectors(Path(d).name) or 0 for d in devices]
+        # /dev/md/<name> links name no block device in sysfs: size what they point to.
+        sizes = [sysfs.block_sectors(Path(os.path.realpath(d)).name) or 0 for d in devices]
         name = assembly.dm_name(vid)
         try:
             return assembly.ensure_striped(

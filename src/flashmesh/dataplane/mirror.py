@@ -7,6 +7,7 @@ when a replica counts as in sync) are in flashmesh.core.mirrors."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,12 +29,23 @@ def md_path(name: str) -> str:
     return str(DEV_MD / name)
 
 
-def kernel_name(name: str) -> str | None:
-    """mdNNN behind /dev/md/<name>, or None when the array is not assembled."""
+def kernel_name(name: str, root: Path = SYS_BLOCK) -> str | None:
+    """mdNNN behind /dev/md/<name>, or None when the array is not assembled (a link left
+    to an array that is gone does not count)."""
     try:
-        return Path(os.path.realpath(md_path(name))).name if (DEV_MD / name).exists() else None
+        if not (DEV_MD / name).exists():
+            return None
+        md = Path(os.path.realpath(md_path(name))).name
     except OSError:
         return None
+    return md if (root / md / "md").is_dir() else None
+
+
+def forget(name: str) -> None:
+    """Removes the /dev/md/<name> link. Without udev mdadm leaves it behind when it stops
+    an array, and the kernel hands the same mdNNN to the next array made."""
+    with contextlib.suppress(OSError):
+        (DEV_MD / name).unlink(missing_ok=True)
 
 
 def _mdadm(runner: Runner, argv: Sequence[str], what: str) -> process.Result:
@@ -44,9 +56,16 @@ def _mdadm(runner: Runner, argv: Sequence[str], what: str) -> process.Result:
 
 
 def has_superblock(runner: Runner, device: str) -> bool:
-    """True when the device carries an md superblock (it was a member before). Not
-    --brief: that exits 0 on a device with no superblock at all."""
-    return runner(["mdadm", "--examine", device]).rc == 0
+    """True when the device carries an md superblock (it was a member before), False when
+    mdadm says it has none. Any other failure (an I/O error) is an error: creating an
+    array over members that could not be read would declare differing replicas in sync.
+    Not --brief: that exits 0 on a device with no superblock at all."""
+    result = runner(["mdadm", "--examine", device])
+    if result.rc == 0:
+        return True
+    if "No md superblock detected" in result.stdout + result.stderr:
+        return False
+    raise MirrorError(f"reading the md superblock of {device}: {result.stderr.strip()}")
 
 
 def create(runner: Runner, name: str, devices: Sequence[str]) -> str:
@@ -88,6 +107,7 @@ def remove_failed(runner: Runner, name: str) -> None:
 def stop(runner: Runner, name: str) -> None:
     if kernel_name(name) is not None:
         _mdadm(runner, ["--stop", md_path(name)], f"stopping {name}")
+    forget(name)
 
 
 def grow(runner: Runner, name: str) -> None:
@@ -110,7 +130,7 @@ def _read(path: Path) -> str:
 
 
 def array_state(name: str, root: Path = SYS_BLOCK) -> ArrayState | None:
-    md = kernel_name(name)
+    md = kernel_name(name, root)
     if md is None:
         return None
     base = root / md / "md"
