@@ -47,7 +47,7 @@ class MirrorMonitor:
                 found = self.node.load(vid)
                 if found is None or not found.md:
                     continue  # not mirrored: never take its lock (a CSI call would get ABORTED)
-                with self.node.locks.hold(vid):
+                with self.node.locks.hold(vid, background=True):
                     staged = self.node.load(vid)
                     if staged is not None and staged.md:
                         self.check(vid, staged)
