@@ -543,6 +543,13 @@ class Node(csi_pb2_grpc.NodeServicer):
             per_leg = request.capacity_range.required_bytes // max(width, 1)
             if staged.md:
                 per_leg += mirrors.DATA_OFFSET
+                absent = [nqn for nqn in staged.nqns if not sysfs.namespace_device(nqn)]
+                if absent:  # both replicas grow, or neither: md takes the smaller size
+                    raise _fail(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"volume {vid} is a degraded mirror ({', '.join(absent)} not "
+                        "connected): it grows once every replica is back",
+                    )
             try:
                 devices = self._grown_devices(staged.nqns, per_leg // 512)
                 legs = devices
