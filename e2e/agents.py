@@ -52,6 +52,10 @@ def start_agent(lab: Lab, spec: VmSpec) -> None:
     lab.spawn(spec.name, f"exec {agent_command(spec, '--interval 1 ')}")
 
 
+def agent_running(lab: Lab, spec: VmSpec) -> bool:
+    return lab.exec(spec.name, "pgrep -f 'flashmesh.cli agent'", check=False).rc == 0
+
+
 def fabric_up(lab: Lab, spec: VmSpec) -> None:
     """storage-0's fabric link carries soft-RoCE, storage-1's does not: made when the
     session starts and again after every reboot of storage-0."""
@@ -122,7 +126,7 @@ def leave_nothing_behind(lab: Lab, cluster: LocalCluster) -> None:
         lab.exec(gpu.name, "dmsetup remove_all; mdadm --stop --scan; nvme disconnect-all",
                  check=False)  # fmt: skip
     for spec in NODES:
-        if lab.exec(spec.name, "pgrep -f 'flashmesh.cli agent'", check=False).rc != 0:
+        if not agent_running(lab, spec):
             start_agent(lab, spec)
     kube = cluster.kube
     for kind in ("Snapshot", "Volume"):

@@ -11,6 +11,7 @@ import pytest
 from _pytest.runner import runtestprotocol
 from agents import (
     NODES,
+    agent_running,
     fabric_up,
     leave_nothing_behind,
     node_name,
@@ -62,15 +63,18 @@ def agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
 @pytest.fixture(autouse=True)
 def _healthy_vms(request: pytest.FixtureRequest) -> None:
     """A VM that died in one scenario (its guest kernel panicked) is booted again before
-    the next, with its storage agent when the session runs agents, so one crash does not
-    fail every scenario after it."""
+    the next, so one crash does not fail every scenario after it. When the session runs
+    agents, a storage VM without one (revived here, or rebooted by a scenario that knows
+    nothing of agents) gets its fabric and its agent back, and is Ready before the next."""
     if "lab" not in request.fixturenames:
         return
     lab: Lab = request.getfixturevalue("lab")
     revived = lab.revive()
     cluster = _SESSION.get("agents")
+    if not isinstance(cluster, LocalCluster):
+        return
     for spec in NODES:
-        if spec.name in revived and isinstance(cluster, LocalCluster):
+        if spec.name in revived or not agent_running(lab, spec):
             fabric_up(lab, spec)
             start_agent(lab, spec)
             name = node_name(spec.name)
