@@ -106,21 +106,8 @@ def stage(driver: Driver, name: str, mib: int, **parameters: str) -> Staged:
 
 
 def unstage(driver: Driver, staged: Staged) -> None:
-    vid = staged.volume.volume_id
-    driver.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=staged.device), timeout=300
-    )
-    driver.node.NodeUnstageVolume(
-        csi_pb2.NodeUnstageVolumeRequest(
-            volume_id=vid, staging_target_path=f"/run/faults/{vid}/staging"
-        ),
-        timeout=300,
-    )
-    driver.controller.ControllerUnpublishVolume(
-        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(VM)),
-        timeout=600,
-    )
-    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=600)
+    unstage_only(driver, staged)
+    delete(driver, staged)
 
 
 class VerifyLoop:
