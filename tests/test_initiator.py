@@ -216,6 +216,14 @@ def test_a_subsystem_its_paths_and_its_head_device(fake: FakeSysfs) -> None:
     )
 
 
+def test_a_named_link_resolves_to_the_kernels_block_name(tmp_path: Path) -> None:
+    (tmp_path / "md").mkdir()
+    (tmp_path / "md127").touch()
+    (tmp_path / "md" / "fm-1-s0").symlink_to("../md127")  # as mdadm makes /dev/md/<name>
+    assert sysfs.block_name(str(tmp_path / "md" / "fm-1-s0")) == "md127"
+    assert sysfs.block_name("/dev/nvme0n1") == "nvme0n1"
+
+
 def test_the_namespace_id_comes_from_its_nsid_file_not_its_name(fake: FakeSysfs) -> None:
     fake.controller(3, 3)
     fake.namespace(3, "nvme3n1", nsid=7)

@@ -247,7 +247,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         the plan's members; replicas behind are re-added unless md already holds them."""
         name = mirrors.md_name(vid, index)
         members = [devices[(index, r)] for r in plan.assemble[index]]
-        ours = {Path(os.path.realpath(d)).name for d in devices.values()}
+        ours = {sysfs.block_name(d) for d in devices.values()}
         state = mirror.array_state(name)
         if state is not None and state.members and not set(state.members) & ours:
             mirror.forget(name)  # a stale link to another volume's array
@@ -264,7 +264,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         held = set(state.members) if state else set()
         for replica in plan.re_add[index]:
             device = devices[(index, replica)]
-            if Path(os.path.realpath(device)).name in held:
+            if sysfs.block_name(device) in held:
                 continue  # a repeat while it resyncs: md has it already
             try:
                 mirror.re_add(self.runner, name, device)
@@ -362,7 +362,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         if len(devices) == 1:
             return devices[0], None
         # /dev/md/<name> links name no block device in sysfs: size what they point to.
-        sizes = [sysfs.block_sectors(Path(os.path.realpath(d)).name) or 0 for d in devices]
+        sizes = [sysfs.block_sectors(sysfs.block_name(d)) or 0 for d in devices]
         name = assembly.dm_name(vid)
         try:
             return assembly.ensure_striped(
@@ -506,7 +506,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                 ),
             ]
         else:
-            sectors = sysfs.block_sectors(Path(os.path.realpath(staged.device)).name) or 0
+            sectors = sysfs.block_sectors(sysfs.block_name(staged.device)) or 0
             usage = [Unit(unit=Unit.BYTES, total=sectors * 512)]
         down = [
             f"{nqn} via {t} {a}:{s} is {state}"
@@ -558,7 +558,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                         mirror.grow(self.runner, name)
                     legs = [mirror.md_path(name) for name in staged.md]
                 if staged.dm:
-                    sizes = [sysfs.block_sectors(Path(os.path.realpath(d)).name) or 0 for d in legs]
+                    sizes = [sysfs.block_sectors(sysfs.block_name(d)) or 0 for d in legs]
                     assembly.ensure_striped(self.runner, staged.dm, legs, min(sizes), CHUNK_SECTORS)
                 if not staged.block and staged.fstype:
                     filesystem.grow(self.runner, staged.device, path, staged.fstype)
@@ -567,7 +567,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                 mirror.MirrorError,
             ) as exc:  # fmt: skip
                 raise _fail(grpc.StatusCode.INTERNAL, f"expanding {vid}: {exc}") from None
-            sectors = sysfs.block_sectors(Path(os.path.realpath(staged.device)).name) or 0
+            sectors = sysfs.block_sectors(sysfs.block_name(staged.device)) or 0
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=sectors * 512)
 
     def _grown_devices(self, nqns: list[str], sectors: int, timeout: float = 60) -> list[str]:

@@ -18,6 +18,7 @@ reads (a path being deleted), so a file that vanishes is taken as that entry bei
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,12 @@ def path_states(nqn: str, root: Path = SYSFS) -> list[tuple[str, str, str, str]]
 def controller_attribute(controller: str, attribute: str, root: Path = SYSFS) -> Path:
     """A controller's sysfs attribute, e.g. fast_io_fail_tmo of nvme2."""
     return root / "class" / "nvme" / controller / attribute
+
+
+def block_name(path: str) -> str:
+    """The kernel's name of a device path, through links such as /dev/md/<name> or
+    /dev/mapper/<name> (which name nothing in sysfs themselves)."""
+    return Path(os.path.realpath(path)).name
 
 
 def block_sectors(device: str, root: Path = SYSFS) -> int | None:
