@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from agents import stop_agent
 from helpers import GPU0, STORAGE0, STORAGE1, Scenario, sh
 
 from flashmesh.lab.vm import Lab, host_nqn
@@ -19,6 +20,9 @@ WALK = Path(__file__).resolve().parent / "guest" / "target_walk.py"
 
 def test_the_planner_converges_on_real_configfs(lab: Lab, scenario: Scenario) -> None:
     vm = STORAGE1.name
+    # The walk must be configfs's only writer: an agent left running by the scenarios
+    # before would make its port again. The next scenario that needs it starts it again.
+    stop_agent(lab, STORAGE1)
     drives = sh(
         lab,
         vm,
