@@ -24,7 +24,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
 RUN /opt/build/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/build/bin/pip wheel --no-cache-dir --wheel-dir /wheels .
