@@ -2,12 +2,15 @@
 
 A thin layer over the kubernetes client's dynamic client: objects go in and out as plain
 dicts, and an API error becomes a KubeError that keeps the server's field causes, so a
-caller can say which field was refused and why.
+caller can say which field was refused and why. An API server that cannot be reached, or
+does not answer within the request timeout, is a KubeError too (503): a caller retries it
+like any other unavailability instead of hanging or crashing on a transport error.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +20,11 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
+from urllib3.exceptions import HTTPError
+
+# Seconds to connect and to wait for an answer. No request of FlashMesh's waits on the
+# server (it never watches through here), so a minute without an answer is a hung server.
+REQUEST_TIMEOUT = (10.0, 60.0)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,23 @@ def _translate(exc: Exception) -> KubeError:
         return KubeError.from_body(exc.status, exc.body)
     if isinstance(exc, ApiException):
         return KubeError.from_body(exc.status or 0, exc.body)
+    if isinstance(exc, HTTPError):
+        return KubeError(503, "ServiceUnavailable", f"the API server did not answer: {exc}")
     raise exc
+
+
+class BoundedApiClient(client.ApiClient):
+    """The kubernetes client waits for an answer forever unless each call names a timeout;
+    this one bounds every request, the dynamic client's discovery included."""
+
+    def __init__(self, configuration: client.Configuration, timeout: tuple[float, float]) -> None:
+        super().__init__(configuration)
+        self.timeout = timeout
+
+    def call_api(self, *args: Any, **kwargs: Any) -> Any:
+        # Every request of the client's, typed or dynamic, passes here with this keyword.
+        kwargs["_request_timeout"] = kwargs.get("_request_timeout") or self.timeout
+        return super().call_api(*args, **kwargs)
 
 
 class Kube:
@@ -72,14 +96,18 @@ class Kube:
         self._dynamic: DynamicClient | None = None
 
     @classmethod
-    def from_kubeconfig(cls, path: str | Path | None = None) -> Kube:
+    def from_kubeconfig(
+        cls,
+        path: str | Path | None = None,
+        request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
+    ) -> Kube:
         """From a kubeconfig file, or in a pod from its service account."""
         configuration = client.Configuration()
         if path is None:
             config.load_incluster_config(client_configuration=configuration)
         else:
             config.load_kube_config(config_file=str(path), client_configuration=configuration)
-        return cls(client.ApiClient(configuration))
+        return cls(BoundedApiClient(configuration, request_timeout))
 
     def close(self) -> None:
         self.api_client.close()
@@ -99,38 +127,38 @@ class Kube:
             raise KubeError(
                 404, "NotFound", f"the API server serves no {kind} in {api_version}"
             ) from None
+        except HTTPError as exc:  # discovery could not reach the server
+            raise _translate(exc) from exc
+
+    def _call(self, method: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+        """One request; its answer as a dict."""
+        try:
+            out = method(**kwargs)
+        except (DynamicApiError, ApiException, HTTPError) as exc:
+            raise _translate(exc) from exc
+        return dict(out.to_dict())
 
     def create(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         res = self._resource(obj["apiVersion"], obj["kind"])
         namespace = obj.get("metadata", {}).get("namespace")
         kwargs = {"dry_run": "All"} if dry_run else {}
-        try:
-            out = res.create(body=obj, namespace=namespace, **kwargs)
-        except (DynamicApiError, ApiException) as exc:
-            raise _translate(exc) from exc
-        return dict(out.to_dict())
+        return self._call(res.create, body=obj, namespace=namespace, **kwargs)
 
     def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
         res = self._resource(obj["apiVersion"], obj["kind"])
         namespace = obj.get("metadata", {}).get("namespace")
-        try:
-            out = res.replace(body=obj, namespace=namespace)
-        except (DynamicApiError, ApiException) as exc:
-            raise _translate(exc) from exc
-        return dict(out.to_dict())
+        return self._call(res.replace, body=obj, namespace=namespace)
 
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None = None
     ) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            out = self._resource(api_version, kind).get(name=name, namespace=namespace)
-        except (DynamicApiError, ApiException) as exc:
-            err = _translate(exc)
-            if err.status == 404:
+            return self._call(self._resource(api_version, kind).get, name=name, namespace=namespace)
+        except KubeError as exc:
+            if exc.status == 404:
                 return None
-            raise err from exc
-        return dict(out.to_dict())
+            raise
 
     def list(
         self,
@@ -139,13 +167,12 @@ class Kube:
         namespace: str | None = None,
         label_selector: str | None = None,
     ) -> list[dict[str, Any]]:
-        try:
-            out = self._resource(api_version, kind).get(
-                namespace=namespace, label_selector=label_selector
-            )
-        except (DynamicApiError, ApiException) as exc:
-            raise _translate(exc) from exc
-        return [dict(item) for item in out.to_dict().get("items", [])]
+        out = self._call(
+            self._resource(api_version, kind).get,
+            namespace=namespace,
+            label_selector=label_selector,
+        )
+        return [dict(item) for item in out.get("items", [])]
 
     def patch(
         self,
@@ -160,16 +187,13 @@ class Kube:
         res = self._resource(api_version, kind)
         if subresource:
             res = res.subresources[subresource]
-        try:
-            out = res.patch(
-                name=name,
-                namespace=namespace,
-                body=patch,
-                content_type="application/merge-patch+json",
-            )
-        except (DynamicApiError, ApiException) as exc:
-            raise _translate(exc) from exc
-        return dict(out.to_dict())
+        return self._call(
+            res.patch,
+            name=name,
+            namespace=namespace,
+            body=patch,
+            content_type="application/merge-patch+json",
+        )
 
     def apply_status(
         self, obj: dict[str, Any], field_manager: str, namespace: str | None = None
@@ -177,18 +201,15 @@ class Kube:
         """Server-side apply of the status fields in obj, owned by field_manager: several
         writers (one agent per node) each own their own entries of a list-map."""
         res = self._resource(obj["apiVersion"], obj["kind"]).subresources["status"]
-        try:
-            out = res.patch(
-                name=obj["metadata"]["name"],
-                namespace=namespace,
-                body=obj,
-                content_type="application/apply-patch+yaml",
-                field_manager=field_manager,
-                force_conflicts=True,
-            )
-        except (DynamicApiError, ApiException) as exc:
-            raise _translate(exc) from exc
-        return dict(out.to_dict())
+        return self._call(
+            res.patch,
+            name=obj["metadata"]["name"],
+            namespace=namespace,
+            body=obj,
+            content_type="application/apply-patch+yaml",
+            field_manager=field_manager,
+            force_conflicts=True,
+        )
 
     def event(
         self,
@@ -227,12 +248,11 @@ class Kube:
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         """Deletes the object; False when it was already gone."""
         try:
-            self._resource(api_version, kind).delete(name=name, namespace=namespace)
-        except (DynamicApiError, ApiException) as exc:
-            err = _translate(exc)
-            if err.status == 404:
+            self._call(self._resource(api_version, kind).delete, name=name, namespace=namespace)
+        except KubeError as exc:
+            if exc.status == 404:
                 return False
-            raise err from exc
+            raise
         return True
 
     # --- finalizers and leases ----------------------------------------------------------
