@@ -69,7 +69,7 @@ class MirrorMonitor:
             for nqn, (i, replica) in sorted(staged.members.items()):
                 if i != index:
                     continue
-                device = self._device(nqn, staged)
+                device = self._device(vid, nqn, staged)
                 if device is None or Path(device).name in state.members:
                     continue
                 if not any(s == "live" for *_, s in sysfs.path_states(nqn)):
@@ -83,7 +83,7 @@ class MirrorMonitor:
             _, volume = self.node.replica_status.read(vid)
             self.node.record_replicas(vid, staged, volume)
 
-    def _device(self, nqn: str, staged: Staged) -> str | None:
+    def _device(self, vid: str, nqn: str, staged: Staged) -> str | None:
         """The replica's block device; connected again (at most every reconnect_every
         seconds) when its controller is gone, e.g. after its ctrl_loss_tmo ran out."""
         found = sysfs.namespace_device(nqn)
@@ -101,5 +101,5 @@ class MirrorMonitor:
             secret = self.node.secret(wanted, {})
             return self.node.connect(nqn, seg["endpoints"], chosen, secret)
         except CsiError as exc:
-            log.info("volume %s: replica %s still unreachable: %s", staged.device, nqn, exc)
+            log.info("volume %s: replica %s still unreachable: %s", vid, nqn, exc)
             return None
