@@ -31,8 +31,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-command -v go >/dev/null || { say "Go 1.26 is needed to build the control plane (go not found)"; exit 1; }
-
 # The virtualenv is made from Debian's /usr/bin/python3 with its system packages visible:
 # pyverbs exists only as Debian's python3-pyverbs, and the lab's VMs run the same .venv.
 if ! grep -qs '^home = /usr/bin$' .venv/pyvenv.cfg \

@@ -14,6 +14,34 @@ export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS="-trimpath -buildvcs=f
 
 say() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+# A machine without Go gets the toolchain from the Go module proxy (golang.org/toolchain,
+# the module `go` itself downloads toolchains from), unpacked once into the cache.
+ensure_go() {
+  command -v go >/dev/null && return
+  local goroot="$cache/go-$GO_VERSION"
+  if [ ! -x "$goroot/bin/go" ]; then
+    local proxy=${GOPROXY:-https://proxy.golang.org}; proxy=${proxy%%,*}
+    local mod="v0.0.1-go$GO_VERSION.linux-amd64" tmp
+    say "go not found: fetching Go $GO_VERSION from $proxy (about 70 MB)"
+    tmp=$(mktemp -d)
+    curl -fsSL --retry 3 -o "$tmp/go.zip" "$proxy/golang.org/toolchain/@v/$mod.zip"
+    # zipfile drops the mode bits; the zip records them, so they are set back.
+    python3 - "$tmp/go.zip" "$tmp/out" <<'PY'
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for info in z.infolist():
+        path = z.extract(info, sys.argv[2])
+        mode = info.external_attr >> 16 & 0o777
+        if mode:
+            os.chmod(path, mode)
+PY
+    rm -rf "$goroot"; mkdir -p "$cache"
+    mv "$tmp/out/golang.org/toolchain@$mod" "$goroot"; rm -rf "$tmp"
+  fi
+  export PATH="$goroot/bin:$PATH"
+  say "using $(go version)"
+}
+
 # run_build NAME DEST BINARIES... -- COMMAND...: runs COMMAND unless every binary exists,
 # building into a temporary folder that is renamed into place only when complete.
 run_build() {
@@ -23,6 +51,7 @@ run_build() {
   local missing=0
   for b in "${bins[@]}"; do [ -x "$dest/$b" ] || missing=1; done
   if [ $missing = 0 ]; then say "$name: cached in $dest"; return; fi
+  ensure_go
   say "$name: building ${bins[*]} (a cold build takes minutes)"
   local start=$SECONDS tmp="$dest.tmp.$$"
   rm -rf "$tmp"; mkdir -p "$tmp"
