@@ -8,7 +8,6 @@ with its Volume object placed. The kernel lab proves the happy paths with real a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -374,63 +373,6 @@ def test_a_repeat_publish_asking_for_other_access_already_exists(stub: Any, pool
     volume = pool.get(API, "Volume", vid) or {}
     assert host not in volume["spec"]["hosts"]
     assert "flashmesh.dev/published" not in (volume["metadata"].get("annotations") or {})
-
-
-def test_a_mirror_attaches_while_one_of_its_storage_nodes_is_down(stub: Any, pool: Kube) -> None:
-    code_of(stub[0].CreateVolume, create("pvc-mirror", size=8 * MIB, replicas="2",
-                                         stripeWidth="1"))  # fmt: skip  # placed, not served
-    vid = naming.volume_id("pvc-mirror")
-    host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ff"
-    driver = {"name": resources.CSI_DRIVER, "nodeID": host}
-    pool.create({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
-                 "metadata": {"name": "mirror-gpu"}, "spec": {"drivers": [driver]}})  # fmt: skip
-    where = {
-        s["replica"]: s["node"] for s in (pool.get(API, "Volume", vid) or {})["spec"]["segments"]
-    }
-    assert sorted(where.values()) == list(NODES)
-
-    def report(allowed_on: set[str], behind: int | None = None) -> None:  # as agents would
-        segments = [
-            {"index": 0, "replica": r, "node": n, "ready": True,
-             "subsystemNQN": naming.subsystem_nqn(vid, 0, r),
-             "endpoints": [{"transport": "tcp", "address": f"10.0.0.{r + 1}", "port": 4420}],
-             "hosts": [host] if n in allowed_on else []}
-            for r, n in where.items()
-        ]  # fmt: skip
-        records = [{"index": 0, "replica": behind, "inSync": False, "state": "Missing"}]
-        status = {"segments": segments, "replicas": records if behind is not None else None}
-        pool.patch(API, "Volume", vid, {"status": status}, subresource="status")
-
-    request = csi_pb2.ControllerPublishVolumeRequest(
-        volume_id=vid, node_id=host, volume_capability=mount()
-    )
-    report(allowed_on={where[0]})
-    got, message = code_of(stub[0].ControllerPublishVolume, request)
-    assert got == Code.DEADLINE_EXCEEDED and f"on {where[1]}: {host} not allowed yet" in message
-    # Replica 1's node stops renewing its Lease: replica 0 serves, the publish succeeds.
-    lease_name = naming.node_lease(where[1])
-    lease = pool.get("coordination.k8s.io/v1", "Lease", lease_name, NS) or {}
-    lease["spec"]["renewTime"] = "2026-01-01T00:00:00.000000Z"
-    lease["spec"]["leaseDurationSeconds"] = 40
-    pool.replace(lease)
-    try:
-        published = stub[0].ControllerPublishVolume(request, timeout=30)
-        assert [s["node"] for s in json.loads(published.publish_context["segments"])] == [
-            where[0],
-            where[1],
-        ]
-        # Replica 0 behind (the node holding the array recorded it so): the only in-sync
-        # copy is on the down node, and it is waited for.
-        report(allowed_on={where[0]}, behind=0)
-        got, message = code_of(stub[0].ControllerPublishVolume, request)
-        assert got == Code.DEADLINE_EXCEEDED and "no other in-sync replica" in message
-        report(allowed_on=set())
-    finally:
-        renew(pool, where[1])
-        pool.patch("coordination.k8s.io/v1", "Lease", lease_name,
-                   {"spec": {"leaseDurationSeconds": 3600}}, namespace=NS)  # fmt: skip
-    unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host)
-    assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.OK
 
 
 def test_every_call_is_timed_by_method_and_code(stub: Any) -> None:

@@ -5,7 +5,7 @@ bounded: one that runs out is DEADLINE_EXCEEDED, which the sidecars retry."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +14,7 @@ import grpc
 
 from flashmesh.core import naming, resources
 from flashmesh.core.placement import NodeSpace, heartbeat_fresh, space_used
-from flashmesh.core.resources import SegmentStatus, Snapshot, StorageNode, StoragePool, Volume
+from flashmesh.core.resources import Snapshot, StorageNode, StoragePool, Volume
 from flashmesh.core.units import parse_bytes
 from flashmesh.csi_driver.errors import CsiError, invalid
 from flashmesh.kube import Kube, KubeError
@@ -72,16 +72,6 @@ class Cluster:
         return heartbeat_fresh(
             spec.get("renewTime"), int(spec.get("leaseDurationSeconds") or 0), now or _now()
         )
-
-    def nodes_down(self, names: Collection[str]) -> set[str]:
-        """Those of these StorageNodes whose agent cannot answer now: gone, not Ready, or
-        its Lease run out."""
-        down = set()
-        for name in sorted(set(names)):
-            data = self.kube.get(API, "StorageNode", name)
-            if data is None or not self.node_ready(StorageNode.from_dict(data)):
-                down.add(name)
-        return down
 
     def space(self, pool: str) -> list[NodeSpace]:
         """Each of the pool's nodes: its thin pool's size, what is promised on it, health."""
@@ -142,63 +132,29 @@ def _now() -> datetime:
 
 
 def segments_missing(
-    volume: Volume | None,
-    host: str | None = None,
-    gone: str | None = None,
-    size: int = 0,
-    down: Collection[str] = (),
+    volume: Volume | None, host: str | None = None, gone: str | None = None, size: int = 0
 ) -> str | None:
     """What keeps a volume from being served as asked (None when nothing): every segment
-    exported and ready, `host` allowed, `gone` no longer allowed, at least `size` bytes.
-
-    A mirror's replica on a `down` node (its agent cannot answer) is not waited for while
-    another replica of its stripe index is served as asked and recorded in sync: NodeStage
-    assembles from that one, and the down node's agent rebuilds its exports from the
-    Volume's spec when it returns. A single copy is always waited for."""
+    exported and ready, `host` allowed, `gone` no longer allowed, at least `size` bytes."""
     if volume is None:
         return "the Volume object is gone"
-    status = volume.status
-    statuses = {(s.index, s.replica): s for s in (status.segments if status else None) or []}
-    problems: dict[tuple[int, int], str] = {}
+    statuses = {
+        (s.index, s.replica): s for s in (volume.status.segments if volume.status else []) or []
+    }
     for seg in volume.spec.segments:
-        key = (seg.index, seg.replica)
-        why = _segment_problem(statuses.get(key), host, gone, size)
-        if why:
-            problems[key] = f"segment {seg.index}/{seg.replica} on {seg.node}: {why}"
-    if volume.spec.layout.replicas < 2 or not down:
-        return next(iter(problems.values()), None)
-    # Replicas start in sync (made together, assumed clean); only a record says not.
-    records = {(r.index, r.replica): r.in_sync for r in (status.replicas if status else None) or []}
-    for seg in volume.spec.segments:
-        key = (seg.index, seg.replica)
-        if key not in problems:
-            continue
-        if seg.node not in down:
-            return problems[key]
-        served = [
-            s
-            for s in volume.spec.segments
-            if s.index == seg.index
-            and (s.index, s.replica) not in problems
-            and records.get((s.index, s.replica), True)
-        ]
-        if not served:
-            return f"{problems[key]} (node {seg.node} is down and no other in-sync replica is)"
-    return None
-
-
-def _segment_problem(
-    status: SegmentStatus | None, host: str | None, gone: str | None, size: int
-) -> str | None:
-    if status is None:
-        return "no report from its agent yet"
-    if not status.ready:
-        return status.message or "not ready"
-    hosts = status.hosts or []
-    if host and host not in hosts:
-        return f"{host} not allowed yet{': ' + status.message if status.message else ''}"
-    if gone and gone in hosts:
-        return f"{gone} still allowed"
-    if size and parse_bytes(status.size or "0") < size:
-        return f"{status.size or 'unknown size'}, growing to {size} bytes"
+        status = statuses.get((seg.index, seg.replica))
+        where = f"segment {seg.index}/{seg.replica} on {seg.node}"
+        if status is None:
+            return f"{where}: no report from its agent yet"
+        if not status.ready:
+            return f"{where}: {status.message or 'not ready'}"
+        hosts = status.hosts or []
+        if host and host not in hosts:
+            return (
+                f"{where}: {host} not allowed yet{': ' + status.message if status.message else ''}"
+            )
+        if gone and gone in hosts:
+            return f"{where}: {gone} still allowed"
+        if size and parse_bytes(status.size or "0") < size:
+            return f"{where}: {status.size or 'unknown size'}, growing to {size} bytes"
     return None

@@ -52,15 +52,9 @@ def publish_context(volume: Volume) -> dict[str, str]:
     )
     segments = []
     for seg in sorted(volume.spec.segments, key=lambda s: (s.index, s.replica)):
-        # A mirror's replica whose node never reported (it is down) has no endpoints yet:
-        # NodeStage counts it unreachable and the mirror monitor connects it later.
-        status = statuses.get((seg.index, seg.replica))
-        nqn = (status.subsystem_nqn if status else None) or naming.subsystem_nqn(
-            volume.metadata.name, seg.index, seg.replica
-        )
-        found = (status.endpoints if status else None) or []
-        endpoints = [f"{e.transport}:{e.address}:{e.port}" for e in found]
-        segments.append({"nqn": nqn, "endpoints": endpoints,
+        status = statuses[(seg.index, seg.replica)]
+        endpoints = [f"{e.transport}:{e.address}:{e.port}" for e in status.endpoints or []]
+        segments.append({"nqn": status.subsystem_nqn, "endpoints": endpoints,
                          "index": seg.index, "replica": seg.replica, "node": seg.node})  # fmt: skip
     return {"segments": json.dumps(segments, separators=(",", ":"))}
 
@@ -349,22 +343,13 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 return True
 
             self.cluster.edit_volume(vid, allow)
-            self.cluster.wait(f"publishing {vid} to {host}", lambda: self._unserved(vid, host))
+            self.cluster.wait(
+                f"publishing {vid} to {host}",
+                lambda: segments_missing(self.cluster.volume(vid), host=host),
+            )
             served = self.cluster.volume(vid)
             assert served is not None
             return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context(served))
-
-    def _unserved(self, vid: str, host: str) -> str | None:
-        """What keeps vid from being served to host. A mirror stays attachable while one
-        of its storage nodes is down (another replica serves; NodeStage assembles from it),
-        so its nodes' health is read when something is missing: the down node's agent
-        allows the host when it returns."""
-        volume = self.cluster.volume(vid)
-        missing = segments_missing(volume, host=host)
-        if missing is None or volume is None or volume.spec.layout.replicas < 2:
-            return missing
-        down = self.cluster.nodes_down({s.node for s in volume.spec.segments})
-        return segments_missing(volume, host=host, down=down)
 
     def ControllerUnpublishVolume(
         self, request: Any, context: Any
