@@ -52,6 +52,15 @@ def start_agent(lab: Lab, spec: VmSpec) -> None:
     lab.spawn(spec.name, f"exec {agent_command(spec, '--interval 1 ')}")
 
 
+def lease_renewed(cluster: LocalCluster, vm: str) -> str:
+    """When the node's agent last renewed its Lease ("" if never): a new value after a
+    start says the new agent runs (a stopped one leaves its node's phase Ready for a while)."""
+    lease = cluster.kube.get(
+        "coordination.k8s.io/v1", "Lease", naming.node_lease(node_name(vm)), NAMESPACE
+    )
+    return str(((lease or {}).get("spec") or {}).get("renewTime") or "")
+
+
 def agent_running(lab: Lab, spec: VmSpec) -> bool:
     return lab.exec(spec.name, "pgrep -f 'flashmesh.cli agent'", check=False).rc == 0
 

@@ -13,6 +13,7 @@ from agents import (
     NODES,
     agent_running,
     fabric_up,
+    lease_renewed,
     leave_nothing_behind,
     node_name,
     node_status,
@@ -75,11 +76,15 @@ def _healthy_vms(request: pytest.FixtureRequest) -> None:
         return
     for spec in NODES:
         if spec.name in revived or not agent_running(lab, spec):
+            before = lease_renewed(cluster, spec.name)
             fabric_up(lab, spec)
             start_agent(lab, spec)
             name = node_name(spec.name)
             processes.wait_until(
-                lambda n=name: node_status(cluster, n).get("phase") == "Ready",
+                lambda n=name, vm=spec.name, b=before: (
+                    lease_renewed(cluster, vm) != b
+                    and node_status(cluster, n).get("phase") == "Ready"
+                ),
                 300,
             )
 

@@ -15,18 +15,32 @@ export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS="-trimpath -buildvcs=f
 say() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # A machine without Go gets the toolchain from the Go module proxy (golang.org/toolchain,
-# the module `go` itself downloads toolchains from), unpacked once into the cache.
+# the module `go` itself downloads toolchains from), checked against the pinned sha256 and
+# unpacked once into the cache (unpacked beside it, then renamed into place).
 ensure_go() {
   command -v go >/dev/null && return
   local goroot="$cache/go-$GO_VERSION"
-  if [ ! -x "$goroot/bin/go" ]; then
-    local proxy=${GOPROXY:-https://proxy.golang.org}; proxy=${proxy%%,*}
-    local mod="v0.0.1-go$GO_VERSION.linux-amd64" tmp
-    say "go not found: fetching Go $GO_VERSION from $proxy (about 70 MB)"
-    tmp=$(mktemp -d)
-    curl -fsSL --retry 3 -o "$tmp/go.zip" "$proxy/golang.org/toolchain/@v/$mod.zip"
-    # zipfile drops the mode bits; the zip records them, so they are set back.
-    python3 - "$tmp/go.zip" "$tmp/out" <<'PY'
+  "$goroot/bin/go" version >/dev/null 2>&1 || fetch_go "$goroot"
+  export PATH="$goroot/bin:$PATH"
+  say "using $(go version)"
+}
+
+# fetch_go GOROOT, in a subshell so that its temporary folder goes whatever happens.
+fetch_go() (
+  local goroot=$1 proxy="" p mod="v0.0.1-go$GO_VERSION.linux-amd64" tmp
+  for p in $(echo "${GOPROXY:-https://proxy.golang.org}" | tr ',|' '  '); do
+    case $p in http*) proxy=${p%/}; break ;; esac
+  done
+  [ -n "$proxy" ] || { say "go not found, and GOPROXY=$GOPROXY names no proxy to fetch it from"; exit 1; }
+  say "go not found: fetching Go $GO_VERSION from $proxy (about 70 MB)"
+  mkdir -p "$cache"; tmp=$(mktemp -d "$cache/.go-fetch.XXXXXX")
+  trap 'rm -rf "$tmp"' EXIT
+  curl -fsSL --retry 3 -o "$tmp/go.zip" "$proxy/golang.org/toolchain/@v/$mod.zip"
+  echo "$GO_ZIP_SHA256  $tmp/go.zip" | sha256sum -c --quiet - \
+    || { say "the Go $GO_VERSION zip does not match GO_ZIP_SHA256 in tools/versions.env"; exit 1; }
+  # zipfile drops the mode bits the zip records: set back. The module zip names each
+  # go.mod _go.mod (so no nested module is cut out of it): named back, as go does.
+  python3 - "$tmp/go.zip" "$tmp/out" <<'PY'
 import os, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     for info in z.infolist():
@@ -34,13 +48,11 @@ with zipfile.ZipFile(sys.argv[1]) as z:
         mode = info.external_attr >> 16 & 0o777
         if mode:
             os.chmod(path, mode)
+        if os.path.basename(path) == "_go.mod":
+            os.rename(path, os.path.join(os.path.dirname(path), "go.mod"))
 PY
-    rm -rf "$goroot"; mkdir -p "$cache"
-    mv "$tmp/out/golang.org/toolchain@$mod" "$goroot"; rm -rf "$tmp"
-  fi
-  export PATH="$goroot/bin:$PATH"
-  say "using $(go version)"
-}
+  rm -rf "$goroot"; mv "$tmp/out/golang.org/toolchain@$mod" "$goroot"
+)
 
 # run_build NAME DEST BINARIES... -- COMMAND...: runs COMMAND unless every binary exists,
 # building into a temporary folder that is renamed into place only when complete.

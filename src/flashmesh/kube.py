@@ -22,8 +22,9 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 from urllib3.exceptions import HTTPError
 
-# Seconds to connect and to wait for an answer. No request of FlashMesh's waits on the
-# server (it never watches through here), so a minute without an answer is a hung server.
+# Seconds to connect and to wait for an answer, per try (urllib3 tries an idempotent
+# request up to 4 times). No request of FlashMesh's waits on the server (it never watches
+# through here), so a minute without an answer is a hung server.
 REQUEST_TIMEOUT = (10.0, 60.0)
 
 
