@@ -171,6 +171,7 @@ class Lab:
         run = self.run_dir(spec.name)
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
+        self._make_channel(spec.name)
         argv = ["ip", "netns", "exec", self.net.name, *self._qemu_argv(spec)]
         vm = self._vms.setdefault(spec.name, _Vm(spec))
         vm.spec = spec
@@ -262,7 +263,34 @@ class Lab:
         run = self.run_dir(name)
         (run / f"{job}.tmp").write_text(command + "\n")
         (run / f"{job}.tmp").rename(run / f"{job}.cmd")  # the agent only picks up whole files
+        self._wake(name, job)
         return job
+
+    def _make_channel(self, name: str) -> None:
+        """The FIFOs behind the VM's lab.cmd port: QEMU holds both open (read and write),
+        so any host process can write a wake-up line and the guest's read blocks."""
+        base = self.channel(name)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for end in (".in", ".out"):
+            path = base.with_name(base.name + end)
+            path.unlink(missing_ok=True)
+            os.mkfifo(path, 0o600)
+
+    def _wake(self, name: str, job: str) -> None:
+        """Tells the VM's command agent a command is waiting. Never blocks: a VM not
+        running has no reader (ENXIO), a full FIFO means wake-ups are already queued, and
+        the agent also scans its folder on its own (once a minute) should one be lost."""
+        path = self.channel(name)
+        try:
+            fd = os.open(path.with_name(path.name + ".in"), os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            os.write(fd, f"{job}\n".encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def wait(self, name: str, job: str, timeout: float = 300) -> ExecResult:
         run = self.run_dir(name)
@@ -296,6 +324,10 @@ class Lab:
 
     def run_dir(self, name: str) -> Path:
         return self.workdir / "run" / name
+
+    def channel(self, name: str) -> Path:
+        """The host side of the VM's command port: FIFOs at this path plus .in and .out."""
+        return self.workdir / "channels" / f"{name}.cmd"
 
     def console(self, name: str) -> Path:
         return self.workdir / "logs" / f"{name}.console.log"
@@ -362,6 +394,13 @@ class Lab:
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
             "-virtfs",
             f"local,path={self.workdir},mount_tag=lab,security_model=none,multidevs=remap",
+            # The command port: the host wakes the guest's command agent through it.
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            f"pipe,id=labcmd,path={self.channel(spec.name)}",
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=labcmd,name=lab.cmd",
         ]
         for link in range(spec.links):
             tap = self.net.add_tap(spec.index, link)
