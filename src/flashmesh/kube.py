@@ -10,7 +10,7 @@ like any other unavailability instead of hanging or crashing on a transport erro
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +23,14 @@ from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 from urllib3.exceptions import HTTPError
 
 # Seconds to connect and to wait for an answer, per try (urllib3 tries an idempotent
-# request up to 4 times). No request of FlashMesh's waits on the server (it never watches
-# through here), so a minute without an answer is a hung server.
+# request up to 4 times). A watch asks the server to end it after WATCH_SECONDS and to
+# send bookmarks meanwhile, so a minute without a byte is a hung server or a cut network.
 REQUEST_TIMEOUT = (10.0, 60.0)
+WATCH_SECONDS = 45
+# Items per page of a LIST: a large kind is read in pages, never in one huge answer.
+PAGE_SIZE = 500
+# Objects as the API server sends them (named here: inside Kube, `list` is a method).
+Objects = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -101,14 +106,19 @@ class Kube:
         cls,
         path: str | Path | None = None,
         request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
+        user_agent: str | None = None,
     ) -> Kube:
-        """From a kubeconfig file, or in a pod from its service account."""
+        """From a kubeconfig file, or in a pod from its service account. The user agent
+        names the component in the API server's logs and audit records."""
         configuration = client.Configuration()
         if path is None:
             config.load_incluster_config(client_configuration=configuration)
         else:
             config.load_kube_config(config_file=str(path), client_configuration=configuration)
-        return cls(BoundedApiClient(configuration, request_timeout))
+        api_client = BoundedApiClient(configuration, request_timeout)
+        if user_agent:
+            api_client.user_agent = user_agent
+        return cls(api_client)
 
     def close(self) -> None:
         self.api_client.close()
@@ -168,12 +178,58 @@ class Kube:
         namespace: str | None = None,
         label_selector: str | None = None,
     ) -> list[dict[str, Any]]:
-        out = self._call(
-            self._resource(api_version, kind).get,
-            namespace=namespace,
-            label_selector=label_selector,
-        )
-        return [dict(item) for item in out.get("items", [])]
+        return self.list_with_version(api_version, kind, namespace, label_selector)[0]
+
+    def list_with_version(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> tuple[Objects, str]:
+        """Every object, read in pages of PAGE_SIZE, and the resourceVersion of the list
+        (where a watch of the same objects starts)."""
+        res = self._resource(api_version, kind)
+        items: Objects = []
+        token: str | None = None
+        while True:
+            out = self._call(
+                res.get,
+                namespace=namespace,
+                label_selector=label_selector,
+                limit=PAGE_SIZE,
+                _continue=token,
+            )
+            items += [dict(item) for item in out.get("items") or []]
+            meta = out.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch(
+        self,
+        api_version: str,
+        kind: str,
+        resource_version: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(type, object) for each change after resource_version, with bookmarks, until
+        the server ends the watch (after about WATCH_SECONDS). An expired resource version
+        is a KubeError 410: the caller lists again."""
+        res = self._resource(api_version, kind)
+        try:
+            for event in self.dynamic.watch(
+                res,
+                namespace=namespace,
+                label_selector=label_selector,
+                resource_version=resource_version,
+                timeout=WATCH_SECONDS,
+                allow_watch_bookmarks=True,
+            ):
+                yield str(event["type"]), dict(event["raw_object"])
+        except (DynamicApiError, ApiException, HTTPError) as exc:
+            raise _translate(exc) from exc
 
     def patch(
         self,
