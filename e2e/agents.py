@@ -4,10 +4,12 @@ stopping an agent in a VM, and Volumes written as the CSI controller will write 
 from __future__ import annotations
 
 import sys
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 from helpers import GPU0, GPU1, STORAGE0, STORAGE1, sh
+from prometheus_client.parser import text_string_to_metric_families
 
 from flashmesh.core import naming, resources
 from flashmesh.kube import Kube
@@ -49,7 +51,7 @@ def agent_command(spec: VmSpec, extra: str = "") -> str:
 
 def start_agent(lab: Lab, spec: VmSpec) -> None:
     """The agent as a long-running process in the VM, its log in the lab's share."""
-    lab.spawn(spec.name, f"exec {agent_command(spec, '--interval 1 ')}")
+    lab.spawn(spec.name, f"exec {agent_command(spec)}")
 
 
 def lease_renewed(cluster: LocalCluster, vm: str) -> str:
@@ -167,7 +169,8 @@ def create_volume(
             "segments": segments, "hosts": hosts}  # fmt: skip
     if source:
         spec["source"] = source
-    kube.create({"apiVersion": API, "kind": "Volume", "metadata": {"name": vid}, "spec": spec})
+    meta = {"name": vid, "labels": naming.node_labels([node_name(vm) for vm in vms])}
+    kube.create({"apiVersion": API, "kind": "Volume", "metadata": meta, "spec": spec})
     return vid
 
 
@@ -208,3 +211,18 @@ def logical_volumes(lab: Lab, vm: str) -> dict[str, int]:
     """The pool's logical volumes in a storage VM, with their sizes in bytes."""
     out = sh(lab, vm, f"lvs --noheadings --units b --nosuffix -o lv_name,lv_size flashmesh-{POOL}")
     return {name: int(size) for name, size in (line.split() for line in out.splitlines())}
+
+
+def agent_passes(spec: VmSpec) -> dict[str, float]:
+    """The agent's passes so far by trigger (start, event, retry, resync), from its
+    /metrics; `finished` counts the passes that have ended."""
+    url = f"http://{spec.address(0)}:{AGENT_METRICS}/metrics"
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    found = {"start": 0.0, "event": 0.0, "retry": 0.0, "resync": 0.0, "finished": 0.0}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "flashmesh_agent_passes_total":
+                found[s.labels["trigger"]] = s.value
+            elif s.name == "flashmesh_agent_reconcile_duration_seconds_count":
+                found["finished"] += s.value
+    return found

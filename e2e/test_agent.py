@@ -14,6 +14,7 @@ from agents import (
     NODES,
     POOL,
     agent_log,
+    agent_passes,
     all_ready,
     create_volume,
     delete_and_wait,
@@ -151,6 +152,57 @@ def connect_stripe(lab: Lab, gpu: str, nqns: list[str], ctrl_loss_tmo: int) -> l
     sh(lab, gpu, f"dmsetup create fmagent --table '0 262144 striped 2 128 "
                  f"{devices[0]} 0 {devices[1]} 0'")  # fmt: skip
     return devices
+
+
+def test_a_volume_is_exported_on_its_watch_event_and_no_unchanged_status_is_written(
+    lab: Lab, agents: LocalCluster, scenario: Scenario
+) -> None:
+    """The agent acts on the watch event of a Volume created while it runs, with no poll
+    in between, and a pass that changes nothing writes nothing."""
+    kube = agents.kube
+    node = STORAGE1
+    settled = processes.wait_until(
+        lambda: agent_passes(node)["finished"] == sum(
+            v for k, v in agent_passes(node).items() if k != "finished"
+        ), 120
+    )  # fmt: skip
+    assert settled, agent_log(lab, node.name)
+    before = agent_passes(node)
+    vid = create_volume(kube, "pvc-agent-watched", [node.name], "16Mi", [])
+    assert processes.wait_until(lambda: all_ready(kube, vid), 120), agent_log(lab, node.name)
+    after = agent_passes(node)
+    assert after["event"] > before["event"], (before, after)
+    assert (after["retry"], after["resync"]) == (before["retry"], before["resync"]), (
+        "a pass came from a timer, not from the Volume's watch event",
+        before,
+        after,
+    )
+    # A change that concerns the node but leaves every status as it is: one pass, no write.
+    assert processes.wait_until(
+        lambda: agent_passes(node)["finished"] == sum(
+            v for k, v in agent_passes(node).items() if k != "finished"
+        ), 60
+    )  # fmt: skip
+    writes = agents.request_counts()
+    passes = agent_passes(node)
+    kube.patch(API, "Volume", vid, {"metadata": {"labels": {"poked": "yes"}}})
+    assert processes.wait_until(lambda: agent_passes(node)["finished"] > passes["finished"], 60), (
+        agent_log(lab, node.name)
+    )
+    now = agents.request_counts()
+    status_writes = {
+        key: now[key] - writes[key]
+        for key in now
+        if key[2] == "status" and key[0] in ("PATCH", "APPLY", "PUT")
+        and key[1] in ("volumes", "storagenodes", "snapshots")
+        and now[key] != writes[key]
+    }  # fmt: skip
+    assert not status_writes, f"unchanged status written again: {status_writes}"
+    assert delete_and_wait(kube, "Volume", vid), agent_log(lab, node.name)
+    scenario.done(
+        f"a Volume exported after {after['event'] - before['event']:.0f} event pass(es), "
+        "no timer pass; a pass with nothing changed wrote no status"
+    )
 
 
 def test_a_volume_is_exported_served_and_cleaned_up(

@@ -78,7 +78,8 @@ def test_snapshot_restore_and_clone_hold_their_sources_data(
     snap = naming.snapshot_id("snapshot-agent-dataset")
     thin = naming.segment_lv(snap, 0, 0)
     kube.create({
-        "apiVersion": API, "kind": "Snapshot", "metadata": {"name": snap},
+        "apiVersion": API, "kind": "Snapshot",
+        "metadata": {"name": snap, "labels": naming.node_labels([node_name(VM)])},
         "spec": {"csiName": "snapshot-agent-dataset", "sourceVolume": source, "size": "32Mi",
                  "segments": [{"index": 0, "replica": 0, "node": node_name(VM),
                                "thinVolume": thin}]},

@@ -239,7 +239,7 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     main = container(agent, "agent")
     assert main["args"] == [
         "agent", "--node=$(NODE_NAME)", "--address=$(FABRIC_ADDRESS)",
-        f"--namespace={NS}", "--interval=2",
+        f"--namespace={NS}", "--resync=300",
     ]  # fmt: skip
     env = {e["name"]: e for e in main["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"

@@ -14,7 +14,7 @@ def _agent(args: argparse.Namespace) -> int:
         args.node,
         args.address,
         args.kubeconfig,
-        args.interval,
+        args.resync,
         args.once,
         args.namespace,
         args.metrics_port,
@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--node", required=True, help="this node's name (its StorageNode)")
     agent.add_argument("--address", required=True, help="the node's fabric address to serve on")
     agent.add_argument("--kubeconfig", help="default: the pod's service account")
-    agent.add_argument("--interval", type=float, default=2.0, help="seconds between passes")
+    agent.add_argument(
+        "--resync",
+        type=float,
+        default=300.0,
+        help="seconds between passes when nothing changes (changes are watched)",
+    )
     agent.add_argument("--once", action="store_true", help="one pass, then exit")
     agent.add_argument(
         "--namespace", default="flashmesh-system", help="where its Lease and the key Secrets live"

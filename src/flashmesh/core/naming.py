@@ -96,3 +96,23 @@ def host_nqn(node_identity: str) -> str:
 def node_lease(node: str) -> str:
     """The coordination Lease a storage node's agent renews as its heartbeat."""
     return f"flashmesh-agent-{node}"
+
+
+# Volumes and Snapshots carry one label per storage node holding one of their segments, so
+# an agent watches only its own with a selector the API server evaluates.
+NODE_LABEL_PREFIX = "nodes.flashmesh.dev/"
+_LABEL_NAME_MAX = 63
+
+
+def node_label(node: str) -> str:
+    """The label key that marks an object as having a segment on `node`. A node name is a
+    DNS subdomain (up to 253 characters); a label name is at most 63, so a longer one is
+    hashed."""
+    if len(node) <= _LABEL_NAME_MAX:
+        return NODE_LABEL_PREFIX + node
+    return NODE_LABEL_PREFIX + "h-" + _digest(node)[:40]
+
+
+def node_labels(nodes: list[str]) -> dict[str, str]:
+    """The labels an object with segments on these nodes carries."""
+    return {node_label(n): "true" for n in sorted(set(nodes))}

@@ -6,6 +6,8 @@ its own host's key to `nvme connect`. A key never reaches a CR, a log line or an
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
+from typing import Any
 
 from flashmesh.core import resources
 from flashmesh.kube import Kube
@@ -20,8 +22,13 @@ KEY_HINT = (
 
 def host_keys(kube: Kube, namespace: str) -> dict[str, str]:
     """Host NQN -> DH-HMAC-CHAP secret."""
+    return keys_from_secrets(kube.list("v1", "Secret", namespace, f"{KEY_LABEL}=true"))
+
+
+def keys_from_secrets(secrets: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Host NQN -> DH-HMAC-CHAP secret, from the key Secrets (labelled KEY_LABEL=true)."""
     keys = {}
-    for secret in kube.list("v1", "Secret", namespace, f"{KEY_LABEL}=true"):
+    for secret in secrets:
         nqn = (secret["metadata"].get("annotations") or {}).get(HOST_NQN_ANNOTATION)
         data = (secret.get("data") or {}).get("key")
         if nqn and data:

@@ -13,11 +13,13 @@ import socket
 import ssl
 import subprocess
 import urllib.request
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from flashmesh.kube import Kube
 from flashmesh.lab import processes
@@ -209,6 +211,30 @@ class LocalCluster:
             shutil.rmtree(self.workdir, ignore_errors=True)
         elif self.workdir.exists():
             self.save()
+
+    def request_counts(self) -> Counter[tuple[str, str, str]]:
+        """The API server's own count of the requests it served, from its /metrics
+        (apiserver_request_total summed over codes and scopes), by (verb, resource,
+        subresource): what tests and benchmarks count a component's requests with."""
+        text = self.kubectl("get", "--raw", "/metrics").stdout
+        found: Counter[tuple[str, str, str]] = Counter()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "apiserver_request_total":
+                    key = (s.labels["verb"], s.labels["resource"], s.labels.get("subresource", ""))
+                    found[key] += int(s.value)
+        return found
+
+    def restart_apiserver(self) -> None:
+        """Stops kube-apiserver and starts it again with the same arguments (etcd keeps
+        every object), for tests of clients that must survive it; returns once /readyz."""
+        name = "kube-apiserver"
+        argv = [str(a) for a in self._procs[name].args]  # type: ignore[union-attr]
+        processes.stop(self.state.pids[name], self.state.executables[name])
+        self._procs.pop(name).poll()
+        self._spawn(name, argv)
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        self._wait(lambda: _http_get(f"{self.server}/readyz", ctx) == b"ok", 180, "/readyz", name)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         proc = processes.spawn(argv, self.log(name), self.die_with_parent)

@@ -87,7 +87,7 @@ def start_components(
                      "metadata": {"name": spec.name, "labels": storage_label}})  # fmt: skip
         say(f"starting the storage agent in {spec.name}")
         lab.spawn(spec.name, f"exec {PYTHON} -m flashmesh.cli agent --node {spec.name} "
-                             f"--address {spec.address(0)} {common} --interval 1 "
+                             f"--address {spec.address(0)} {common} "
                              f"--metrics-port 9813 >> /lab/agent-{spec.name}.log 2>&1")  # fmt: skip
     for spec in gpus:
         say(f"starting the CSI node plugin in {spec.name}")

@@ -1,4 +1,6 @@
-"""The agent's loop: one pass reads everything it needs and makes the node match."""
+"""The agent's loop: one pass reads everything it needs (from the watch caches) and makes
+the node match. Passes run when a watched change concerns the node, again soon after a
+pass that left work undone, and on a slow resync; never on a short timer."""
 
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from flashmesh.core.resources import Condition, Endpoint, StorageNode, StoragePo
 from flashmesh.core.units import parse_bytes
 from flashmesh.dataplane import identity, process, rdma
 from flashmesh.dataplane.agent import metrics
-from flashmesh.dataplane.agent.node_status import NodeReport, Written, report_node
+from flashmesh.dataplane.agent.cache import AgentCache
+from flashmesh.dataplane.agent.labels import label_own_objects
+from flashmesh.dataplane.agent.node_status import NodeReport, report_node
 from flashmesh.dataplane.agent.snapshots import reconcile_snapshots
 from flashmesh.dataplane.agent.volumes import VolumeReconciler
-from flashmesh.dataplane.host_keys import KEY_HINT, host_keys
+from flashmesh.dataplane.host_keys import KEY_HINT, keys_from_secrets
 from flashmesh.dataplane.inventory import inventory
 from flashmesh.dataplane.lvm import Lvm, LvmError
 from flashmesh.dataplane.process import CommandError, Runner
@@ -32,7 +36,13 @@ API = resources.API_VERSION
 NVME_PORT = 4420
 LEASE_SECONDS = 40
 HEARTBEAT_EVERY = 5.0
-INVENTORY_EVERY = 30.0
+# With nothing changing, a pass (and a probe of the drives) this often: it finds what no
+# watch tells, such as a drive added or a logical volume removed by hand.
+RESYNC_EVERY = 300.0
+# After a pass that left work undone (a failed command, an export not ready), the next
+# one comes this soon, doubling up to RETRY_MAX while the work stays undone.
+RETRY_FIRST = 2.0
+RETRY_MAX = 60.0
 MODULES = Path("/sys/module")
 
 
@@ -47,9 +57,12 @@ class Agent:
     # Where the DH-HMAC-CHAP host keys and the node's Lease live.
     namespace: str = "flashmesh-system"
     identity_source: Path = identity.SMBIOS_UUID
+    resync_every: float = RESYNC_EVERY
     _said: dict[str, str] = field(default_factory=dict)
-    _last_status: Written | None = None
-    _devices: tuple[float, str, list[BlockDevice]] | None = None
+    _devices: tuple[str, list[BlockDevice]] | None = None
+    _cache: AgentCache | None = None
+    _probe_drives: bool = True
+    _beating: bool = False  # a heartbeat thread renews the Lease
 
     @property
     def finalizer(self) -> str:
@@ -61,27 +74,56 @@ class Agent:
 
     # --- the loop ---------------------------------------------------------------------
 
-    def run_forever(self, interval: float = 2.0, heartbeat: Kube | None = None) -> None:
-        """Passes every `interval` seconds; the Lease is renewed every HEARTBEAT_EVERY
+    @property
+    def cache(self) -> AgentCache:
+        """The watch caches; a pass without a running agent (--once) lists once instead."""
+        if self._cache is None:
+            self._cache = AgentCache(self.kube, self.node, self.namespace)
+            self._cache.fill()
+        return self._cache
+
+    def run_forever(self, heartbeat: Kube | None = None) -> None:
+        """Watches, then passes when woken; the Lease is renewed every HEARTBEAT_EVERY
         seconds on its own thread (with its own client), however long a pass takes."""
         if heartbeat is not None:
+            self._beating = True
             threading.Thread(
                 target=self._heartbeats, args=(heartbeat,), name="heartbeat", daemon=True
             ).start()
+        label_own_objects(self.kube, self.node)
+        self._cache = AgentCache(self.kube, self.node, self.namespace)
+        self._cache.start()
+        wake = self._cache.wake
+        trigger, delay = "start", RETRY_FIRST
+        last_probe = time.monotonic()
         while True:
+            wake.clear()  # changes from here on wake the pass after this one
+            self._probe_drives = trigger in ("start", "resync")
+            if self._probe_drives:
+                last_probe = time.monotonic()
+            metrics.PASSES.labels(trigger).inc()
             begin = time.monotonic()
-            outcome = "error"
+            outcome, settled = "error", False
             try:
-                self.reconcile()
+                settled = self.reconcile()
                 outcome = "ok"
             except Exception:  # keep serving; the next pass starts from what is there
                 log.exception("reconcile pass failed")
             metrics.PASS_SECONDS.labels(outcome).observe(time.monotonic() - begin)
-            time.sleep(interval)
+            if settled:
+                delay = RETRY_FIRST
+                timeout = max(self.resync_every - (time.monotonic() - last_probe), 0)
+            else:
+                timeout, delay = delay, min(delay * 2, RETRY_MAX)
+            woken = wake.wait(timeout)
+            trigger = "event" if woken else ("resync" if settled else "retry")
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> bool:
+        """One pass; True when it left nothing undone."""
+        cache = self.cache
         node_obj = self._storage_node()
-        self._heartbeat()
+        if not self._beating:
+            self._heartbeat()  # a single pass (no heartbeat thread) renews the Lease itself
         node = StorageNode.from_dict(node_obj)
         pool = self._pool(node.spec.pool)
         devices = self._inventory(pool)
@@ -96,38 +138,51 @@ class Agent:
         lvm = Lvm(self.runner)
         vg_name = naming.pool_volume_group(pool.metadata.name) if pool else None
         selected: set[str] = set()
+        settled = True
         if pool and vg_name:
             selected = self._prepare_drives(node_obj, pool, devices, lvm, vg_name, conditions)
         if vg_name and lvm.volume_group(vg_name) is not None:
-            volumes = [Volume.from_dict(v) for v in self.kube.list(API, "Volume")]
+            volume_objs = cache.volumes.items()
+            volumes = [Volume.from_dict(v) for v in volume_objs]
             keys = None
             if pool and pool.spec.security.dhchap:
                 # With authentication on, a host without a key is never allowed in.
-                keys = host_keys(self.kube, self.namespace)
+                keys = keys_from_secrets(cache.secrets.items())
                 for host in {h for v in volumes for h in v.spec.hosts} - set(keys):
                     refused.setdefault(host, f"no DH-HMAC-CHAP key for {host}: {KEY_HINT}")
-            snapshots = reconcile_snapshots(
-                self.kube, lvm, self.node, vg_name, self.finalizer, self.manager
-            )
-            VolumeReconciler(
+            snapshots, snaps_done = reconcile_snapshots(
+                self.kube, lvm, self.node, vg_name, self.finalizer, self.manager,
+                cache.snapshots.items(), cache.wrote, self._snapshot,
+            )  # fmt: skip
+            done = VolumeReconciler(
                 self.kube, self.node, self.finalizer, self.manager, self.nvmet_root,
-                lvm, vg_name, endpoints, keys, refused,
-            ).run(volumes, snapshots)  # fmt: skip
+                lvm, vg_name, endpoints, keys, refused, cache.wrote,
+            ).run(volume_objs, volumes, snapshots)  # fmt: skip
+            settled = done and snaps_done
         report = NodeReport(
             devices, selected, vg_name, endpoints, ports, conditions, host_nqn=own_nqn
         )
-        self._last_status = report_node(self.kube, node_obj, lvm, report, self._last_status)
+        cache.wrote(report_node(self.kube, node_obj, lvm, report))
+        # A volume group that failed to form may form on a retry; refused drives wait for
+        # a change of the pool or of the drives (an event, or the resync's probe).
+        return settled and not any(c.reason == "VolumeGroupFailed" for c in conditions)
 
     # --- pieces -----------------------------------------------------------------------
 
     def _storage_node(self) -> dict[str, Any]:
-        found = self.kube.get(API, "StorageNode", self.node)
+        found = self.cache.storage_node()
+        if found is None:
+            found = self.kube.get(API, "StorageNode", self.node)  # the cache may lag a create
         if found is None:
             log.info("registering StorageNode %s", self.node)
             found = self.kube.create(
                 {"apiVersion": API, "kind": "StorageNode", "metadata": {"name": self.node}}
             )
         return found
+
+    def _snapshot(self, name: str) -> dict[str, Any] | None:
+        """A Snapshot with no segment here (a restore's source), read when asked for."""
+        return self.kube.get(API, "Snapshot", name)
 
     def _heartbeats(self, kube: Kube) -> None:
         while True:
@@ -143,21 +198,21 @@ class Agent:
             log.warning("lease %s/%s not renewed: %s", self.namespace, self.node, exc)
 
     def _inventory(self, pool: StoragePool | None) -> list[BlockDevice]:
-        """The node's drives, probed again every INVENTORY_EVERY seconds once the pool's
-        volume group is made (drives come and go rarely; each probe runs a command per
-        drive), and on every pass until then."""
+        """The node's drives, probed again on a start or a resync once the pool's volume
+        group is made (drives come and go rarely; each probe runs a command per drive),
+        and on every pass until then."""
         name = pool.metadata.name if pool else ""
-        if self._devices is not None:
-            at, for_pool, devices = self._devices
+        if self._devices is not None and not self._probe_drives:
+            for_pool, devices = self._devices
             made = any(d.volume_group == naming.pool_volume_group(name) for d in devices)
-            if for_pool == name and made and time.monotonic() - at < INVENTORY_EVERY:
+            if for_pool == name and made:
                 return devices
         devices = inventory(self.runner)
-        self._devices = (time.monotonic(), name, devices)
+        self._devices = (name, devices)
         return devices
 
     def _pool(self, name: str | None) -> StoragePool | None:
-        data = self.kube.get(API, "StoragePool", name) if name else None
+        data = self.cache.pool(name)
         return StoragePool.from_dict(data) if data else None
 
     def _endpoints(self, ports: list[rdma.Port], pool: StoragePool | None) -> list[Endpoint]:
@@ -180,12 +235,12 @@ class Agent:
             conditions.append(Condition("HostNQNUnique", "Unknown", "NoIdentity", str(exc)))
             own = None
         claims = [(self.node, own)] if own else []
-        for other in self.kube.list(API, "StorageNode"):
+        for other in self.cache.storage_nodes.items():
             name = other["metadata"]["name"]
             nqn = (other.get("status") or {}).get("hostNQN")
             if name != self.node and nqn:
                 claims.append((name, nqn))
-        for csinode in self.kube.list("storage.k8s.io/v1", "CSINode"):
+        for csinode in self.cache.csinodes.items():
             for driver in (csinode.get("spec") or {}).get("drivers") or []:
                 if driver.get("name") == resources.CSI_DRIVER and driver.get("nodeID"):
                     claims.append((csinode["metadata"]["name"], driver["nodeID"]))
@@ -248,7 +303,7 @@ def main(
     node: str,
     address: str,
     kubeconfig: str | None,
-    interval: float,
+    resync: float,
     once: bool,
     namespace: str = "flashmesh-system",
     metrics_port: int | None = None,
@@ -256,12 +311,14 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not once:
         serve_metrics(metrics_port)
-    agent = Agent(Kube.from_kubeconfig(kubeconfig), node, address, namespace=namespace)
+    agent_name = f"flashmesh-agent/{node}"
+    kube = Kube.from_kubeconfig(kubeconfig, user_agent=agent_name)
+    agent = Agent(kube, node, address, namespace=namespace, resync_every=resync)
     if once:
         agent.reconcile()
         return 0
     try:
-        agent.run_forever(interval, heartbeat=Kube.from_kubeconfig(kubeconfig))
+        agent.run_forever(heartbeat=Kube.from_kubeconfig(kubeconfig, user_agent=agent_name))
     except KeyboardInterrupt:
         pass
     except CommandError as exc:

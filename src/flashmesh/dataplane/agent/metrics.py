@@ -3,7 +3,20 @@ and their readiness, and its volume group's size and use."""
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+PASSES = Counter(
+    "flashmesh_agent_passes_total",
+    "Reconcile passes of the storage agent, by what started them: start, event (a watched "
+    "change concerning the node), retry (work left undone) or resync (nothing changed for "
+    "the resync period)",
+    ["trigger"],
+)
+STATUS_WRITES = Counter(
+    "flashmesh_agent_status_writes_total",
+    "Status writes of the storage agent, by kind (only what changed is written)",
+    ["kind"],
+)
 
 PASS_SECONDS = Histogram(
     "flashmesh_agent_reconcile_duration_seconds",

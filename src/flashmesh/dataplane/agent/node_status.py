@@ -1,10 +1,10 @@
 """The StorageNode's status, built from what one pass found: drives, volume group and thin
-pool usage, endpoints, RDMA ports, host NQN and conditions. Written when it changes and at
-least every STATUS_EVERY seconds (the Lease is the frequent heartbeat)."""
+pool usage, endpoints, RDMA ports, host NQN and conditions. Written only when it differs
+from the status the API server holds (the Lease is the heartbeat; lastHeartbeatTime says
+when the status last changed)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +19,6 @@ from flashmesh.dataplane.lvm import THIN_POOL, Lvm
 from flashmesh.kube import Kube
 
 API = resources.API_VERSION
-STATUS_EVERY = 30.0
 
 
 @dataclass
@@ -31,14 +30,6 @@ class NodeReport:
     ports: list[rdma.Port]
     conditions: list[Condition]
     host_nqn: str | None = None
-
-
-@dataclass(frozen=True)
-class Written:
-    """The last status written: its content without timestamps, and when."""
-
-    content: str
-    at: float
 
 
 def _now() -> str:
@@ -62,8 +53,10 @@ def volume_group_status(lvm: Lvm, vg_name: str | None) -> resources.VolumeGroup 
 
 
 def report_node(
-    kube: Kube, node_obj: dict[str, Any], lvm: Lvm, report: NodeReport, last: Written | None
-) -> Written:
+    kube: Kube, node_obj: dict[str, Any], lvm: Lvm, report: NodeReport
+) -> dict[str, Any] | None:
+    """Writes the node's status if it differs from node_obj's; the object the write
+    returned, or None when nothing was written."""
     drives = [
         resources.Drive(d.path, format_bytes(d.size), d.model, d.serial, d.path in report.selected)
         for d in report.devices
@@ -103,12 +96,15 @@ def report_node(
         conditions=conditions,
         observed_generation=generation,
     )
-    content = repr(serde.to_dict(status))
-    if last and last.content == content and time.monotonic() - last.at < STATUS_EVERY:
-        return last
-    status.last_heartbeat_time = now
-    kube.patch(
-        API, "StorageNode", node_obj["metadata"]["name"], {"status": serde.to_dict(status)},
-        subresource="status",
-    )  # fmt: skip
-    return Written(content, time.monotonic())
+    current = dict(node_obj.get("status") or {})
+    current.pop("lastHeartbeatTime", None)
+    desired = serde.to_dict(status)
+    if desired == current:
+        return None
+    # A field no longer reported (a volume group gone) is removed, not left as it was.
+    body = {**{k: None for k in current if k not in desired}, **desired, "lastHeartbeatTime": now}
+    written = kube.patch(
+        API, "StorageNode", node_obj["metadata"]["name"], {"status": body}, subresource="status"
+    )
+    metrics.STATUS_WRITES.labels("StorageNode").inc()
+    return written

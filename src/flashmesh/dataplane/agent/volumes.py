@@ -6,13 +6,16 @@ volumes removed before this node's finalizer is."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flashmesh.core import naming, resources, serde
 from flashmesh.core.resources import Endpoint, Snapshot, Volume
 from flashmesh.core.units import format_bytes, parse_bytes
 from flashmesh.dataplane.agent import metrics
+from flashmesh.dataplane.agent.status import own_entries
 from flashmesh.dataplane.lvm import Lvm, LvmError
 from flashmesh.dataplane.target import configfs
 from flashmesh.dataplane.target.desired import (
@@ -43,8 +46,15 @@ class VolumeReconciler:
     keys: dict[str, str] | None
     # Host NQNs no export may allow, each with the reason a person reads in the status.
     refused: dict[str, str]
+    # Told of every object a write returned (the watch then knows its own writes).
+    wrote: Callable[[dict[str, Any]], None] = lambda obj: None
 
-    def run(self, volumes: list[Volume], snapshots: dict[str, Snapshot]) -> None:
+    def run(
+        self, objects: list[dict[str, Any]], volumes: list[Volume], snapshots: dict[str, Snapshot]
+    ) -> bool:
+        """Makes this node's segments match the volumes (`objects` as the API server holds
+        them, `volumes` parsed); True when every live segment here is exported and ready."""
+        current = {o["metadata"]["name"]: o for o in objects}
         ours = [v for v in volumes if any(s.node == self.node for s in v.spec.segments)]
         live = []
         for volume in ours:
@@ -83,16 +93,24 @@ class VolumeReconciler:
         ready = sum(1 for e in entries_all if e.ready)
         metrics.record_exports(ready, len(entries_all) - ready)
         for name, entries in statuses.items():
+            ordered = sorted(entries, key=lambda s: (s.index, s.replica))
+            body_entries = [serde.to_dict(s) for s in ordered]
+            if own_entries(current.get(name), self.node) == body_entries:
+                continue  # written before: an unchanged status is not written again
             body = {
                 "apiVersion": API,
                 "kind": "Volume",
                 "metadata": {"name": name},
-                "status": {"segments": [serde.to_dict(s) for s in entries]},
+                "status": {"segments": body_entries},
             }
-            self.kube.apply_status(body, self.manager)
-        for volume in ours:
-            if volume.metadata.deletion_timestamp is not None:
-                self._release(volume, observed)
+            self.wrote(self.kube.apply_status(body, self.manager))
+            metrics.STATUS_WRITES.labels("Volume").inc()
+        released = all(
+            self._release(volume, observed)
+            for volume in ours
+            if volume.metadata.deletion_timestamp is not None
+        )
+        return released and ready == len(entries_all) and not errors
 
     def _grown(
         self, before: dict[str, int], sizes: dict[str, int], volumes: list[Volume]
@@ -149,16 +167,17 @@ class VolumeReconciler:
             )
         return match[0].thin_volume
 
-    def _release(self, volume: Volume, observed: Target) -> None:
+    def _release(self, volume: Volume, observed: Target) -> bool:
         """A deleted volume: once its exports here are gone (the plan removed them), its
-        logical volumes go, then this node's finalizer."""
+        logical volumes go, then this node's finalizer. False while that is not done."""
         if self.finalizer not in (volume.metadata.finalizers or []):
-            return
+            return True
         for seg in volume.spec.segments:
             if seg.node != self.node:
                 continue
             key = (volume.metadata.name, seg.index, seg.replica)
             if naming.subsystem_nqn(*key) in observed.subsystems:
-                return  # not unexported yet: the next pass goes on
+                return False  # not unexported yet: the next pass goes on
             self.lvm.remove_volume(self.vg, naming.segment_lv(*key))
         self.kube.remove_finalizer(API, "Volume", volume.metadata.name, self.finalizer)
+        return True
