@@ -4,7 +4,11 @@ placement, idempotency and locking; a fuzz that never yields INTERNAL.
 
 No agent runs here: the pool's two StorageNodes carry the status and Leases an agent would
 write, and a valid volume waits (briefly) for agents that never come: DEADLINE_EXCEEDED,
-with its Volume object placed. The kernel lab proves the happy paths with real agents."""
+with its Volume object placed. The kernel lab proves the happy paths with real agents.
+
+The controller reads watched caches: where a test writes an object and then calls it, the
+test first waits until the controller's cache has seen that write, as any informer-based
+controller needs."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from flashmesh.csi_driver.cluster import Cluster
 from flashmesh.csi_driver.controller import Controller
 from flashmesh.csi_driver.identity import Identity
 from flashmesh.csi_driver.server import serve
+from flashmesh.informer import Informer, key_of
 from flashmesh.kube import Kube
 from flashmesh.lab.cluster import LocalCluster
 
@@ -56,6 +61,20 @@ def renew(kube: Kube, node: str) -> None:
     kube.renew_lease(NS, naming.node_lease(node), node, 3600)
 
 
+def cached(informer: Informer, written: dict[str, Any] | None) -> None:
+    """Returns once the controller's cache has seen this write (woken by its watch)."""
+    assert written is not None
+    version = written["metadata"]["resourceVersion"]
+    assert informer.wait_seen(key_of(written), version, 30), f"{key_of(written)} not cached"
+
+
+def csinode(kube: Kube, name: str, host: str) -> dict[str, Any]:
+    """A CSINode naming host as FlashMesh's node id, as the node plugin's registration."""
+    driver = {"name": resources.CSI_DRIVER, "nodeID": host}
+    return kube.create({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
+                        "metadata": {"name": name}, "spec": {"drivers": [driver]}})  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pool(crds: LocalCluster) -> Iterator[Kube]:
     """A pool of two 1 GiB nodes, as their agents would report them."""
@@ -83,8 +102,10 @@ def pool(crds: LocalCluster) -> Iterator[Kube]:
 
 
 @pytest.fixture(scope="module")
-def controller(pool: Kube) -> Controller:
-    return Controller(Cluster(pool, NS, wait_seconds=0.3, poll_seconds=0.1))
+def controller(pool: Kube) -> Iterator[Controller]:
+    cluster = Cluster(pool, NS, wait_seconds=0.3).start()
+    yield Controller(cluster)
+    cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -242,27 +263,31 @@ def test_a_volume_that_does_not_fit_now_is_resource_exhausted(stub: Any, pool: K
     assert pool.get(API, "Volume", naming.volume_id("pvc-big")) is None
 
 
-def test_a_stale_heartbeat_takes_a_node_out_of_placement(stub: Any, pool: Kube) -> None:
+def test_a_stale_heartbeat_takes_a_node_out_of_placement(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
+    leases = controller.cluster.cache.leases
     lease = pool.get("coordination.k8s.io/v1", "Lease", naming.node_lease("csi-b"), NS) or {}
     lease["spec"]["renewTime"] = "2026-01-01T00:00:00.000000Z"
     lease["spec"]["leaseDurationSeconds"] = 40
-    pool.replace(lease)
+    cached(leases, pool.replace(lease))
     try:
         got, message = code_of(stub[0].CreateVolume, create("pvc-stale", size=8 * MIB))
         assert got == Code.RESOURCE_EXHAUSTED, message
     finally:
         renew(pool, "csi-b")
-        pool.patch("coordination.k8s.io/v1", "Lease", naming.node_lease("csi-b"),
-                   {"spec": {"leaseDurationSeconds": 3600}}, namespace=NS)  # fmt: skip
+        longer = {"spec": {"leaseDurationSeconds": 3600}}
+        lease_name = naming.node_lease("csi-b")
+        cached(leases, pool.patch("coordination.k8s.io/v1", "Lease", lease_name, longer, NS))
 
 
-def test_a_node_id_on_two_csinodes_is_refused_with_an_event(stub: Any, pool: Kube) -> None:
+def test_a_node_id_on_two_csinodes_is_refused_with_an_event(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
     vid = naming.volume_id("pvc-placed")
     host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000dd"
     for name in ("twin-a", "twin-b"):
-        driver = {"name": resources.CSI_DRIVER, "nodeID": host}
-        pool.create({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
-                     "metadata": {"name": name}, "spec": {"drivers": [driver]}})  # fmt: skip
+        cached(controller.cluster.cache.csinodes, csinode(pool, name, host))
     request = csi_pb2.ControllerPublishVolumeRequest(volume_id=vid, node_id=host,
                                                      volume_capability=mount())  # fmt: skip
     got, message = code_of(stub[0].ControllerPublishVolume, request)
@@ -277,8 +302,12 @@ def test_a_node_id_on_two_csinodes_is_refused_with_an_event(stub: Any, pool: Kub
     assert got == Code.NOT_FOUND and "no node has node id nqn.nobody" in message
 
 
-def test_list_volumes_pages_through_everything(stub: Any, pool: Kube) -> None:
+def test_list_volumes_pages_through_everything(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
     names = sorted(v["metadata"]["name"] for v in pool.list(API, "Volume"))
+    volumes = controller.cluster.cache.volumes
+    assert volumes.wait_for(lambda: sorted(key_of(v) for v in volumes.items()) == names, 30)
     seen, token = [], ""
     while True:
         page = stub[0].ListVolumes(csi_pb2.ListVolumesRequest(max_entries=1, starting_token=token))
@@ -352,13 +381,13 @@ def test_fuzzed_create_requests_never_fail_inside(
     assert got not in (Code.INTERNAL, Code.UNKNOWN), message
 
 
-def test_a_repeat_publish_asking_for_other_access_already_exists(stub: Any, pool: Kube) -> None:
+def test_a_repeat_publish_asking_for_other_access_already_exists(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
     code_of(stub[0].CreateVolume, create("pvc-repeat", size=8 * MIB))  # placed, not served
     vid = naming.volume_id("pvc-repeat")
     host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ee"
-    driver = {"name": resources.CSI_DRIVER, "nodeID": host}
-    pool.create({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
-                 "metadata": {"name": "single"}, "spec": {"drivers": [driver]}})  # fmt: skip
+    cached(controller.cluster.cache.csinodes, csinode(pool, "single", host))
     request = csi_pb2.ControllerPublishVolumeRequest(
         volume_id=vid, node_id=host, volume_capability=mount()
     )

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -214,8 +214,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             }
             if source:
                 spec["source"] = source[0]
-            body = {"apiVersion": API, "kind": "Volume", "metadata": {"name": vid}, "spec": spec}
-            return Volume.from_dict(self.cluster.kube.create(body))
+            # Labelled by node, so each agent watches only the volumes it serves.
+            meta = {"name": vid, "labels": naming.node_labels(nodes)}
+            body = {"apiVersion": API, "kind": "Volume", "metadata": meta, "spec": spec}
+            return Volume.from_dict(self.cluster.create(body))
 
     def _source_nodes(self, space: list[Any], where: list[tuple[int, int, str]]) -> list[str]:
         ready = {n.name for n in space if n.ready}
@@ -576,6 +578,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             self.cluster.wait(f"snapshot {sid}", lambda: self._snapshot_missing(sid))
             done = self.cluster.snapshot(sid)
             assert done is not None
+            if not (done.status and done.status.ready_to_use):
+                done = self.cluster.mark_snapshot_ready(sid, MANAGER)
             return csi_pb2.CreateSnapshotResponse(snapshot=_csi_snapshot(done))
 
     def _make_snapshot(self, sid: str, name: str, volume: Volume) -> Snapshot:
@@ -591,7 +595,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         body = {
             "apiVersion": API,
             "kind": "Snapshot",
-            "metadata": {"name": sid},
+            "metadata": {
+                "name": sid,
+                "labels": naming.node_labels([s.node for s in volume.spec.segments]),
+            },
             "spec": {
                 "csiName": name,
                 "sourceVolume": volume.metadata.name,
@@ -599,7 +606,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 "segments": segments,
             },
         }
-        return Snapshot.from_dict(self.cluster.kube.create(body))
+        return Snapshot.from_dict(self.cluster.create(body))
 
     def _snapshot_missing(self, sid: str) -> str | None:
         snap = self.cluster.snapshot(sid)
@@ -615,15 +622,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if status is None or not status.ready:
                 why = status.message if status and status.message else "not taken yet"
                 return f"segment {seg.index}/{seg.replica} on {seg.node}: {why}"
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {
-            "apiVersion": API,
-            "kind": "Snapshot",
-            "metadata": {"name": sid},
-            "status": {"readyToUse": True, "creationTime": now},
-        }
-        self.cluster.kube.apply_status(body, MANAGER)
-        return None
+        return None  # every segment taken: the caller marks it ready to use
 
     def DeleteSnapshot(self, request: Any, context: Any) -> csi_pb2.DeleteSnapshotResponse:
         sid = request.snapshot_id

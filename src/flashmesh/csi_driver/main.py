@@ -36,7 +36,10 @@ def run(
         from flashmesh.csi_driver.controller import Controller
         from flashmesh.kube import Kube
 
-        cluster = Cluster(Kube.from_kubeconfig(kubeconfig), namespace, wait_seconds)
+        kube = Kube.from_kubeconfig(kubeconfig, user_agent="flashmesh-csi-controller")
+        cluster = Cluster(kube, namespace, wait_seconds)
+        # Calls read the caches: filled (or the start fails) before the server serves.
+        cluster.start()
         controller = Controller(cluster, fabric)
         register.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s))
     if mode in ("node", "all"):
