@@ -55,7 +55,7 @@ def render(found: list[status_tables.Table], width: int = 160) -> str:
 
 def main(kubeconfig: str | None) -> int:
     try:
-        kube = Kube.from_kubeconfig(kubeconfig)
+        kube = Kube.from_kubeconfig(kubeconfig, user_agent="flashmesh-status")
         print(render(tables(kube)), end="")
     except KubeError as exc:
         print(f"flashmesh status: {exc}")

@@ -72,7 +72,7 @@ class KeySecrets:
         from flashmesh.kube import Kube
 
         if self._kube is None:
-            self._kube = Kube.from_kubeconfig(self.kubeconfig)
+            self._kube = Kube.from_kubeconfig(self.kubeconfig, user_agent="flashmesh-csi-node")
         return host_keys(self._kube, self.namespace)
 
 

@@ -25,7 +25,7 @@ class ReplicaStatus:
         if self._kube is None:
             from flashmesh.kube import Kube
 
-            self._kube = Kube.from_kubeconfig(self.kubeconfig)
+            self._kube = Kube.from_kubeconfig(self.kubeconfig, user_agent="flashmesh-csi-node")
         return self._kube
 
     def read(self, vid: str) -> tuple[dict[mirrors.Key, mirrors.ReplicaRecord], dict[str, Any]]:
