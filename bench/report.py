@@ -49,6 +49,8 @@ class Result:
     comparisons: list[Comparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    # Machine-readable figures beyond the table (kept in the JSON only), e.g. a breakdown.
+    details: dict[str, Any] = field(default_factory=dict)
 
     def add(self, metric: str, unit: str, value: float, baseline: float | None = None,
             better: Literal["lower", "higher"] = "lower") -> None:  # fmt: skip
@@ -76,7 +78,8 @@ def from_json(doc: dict[str, Any]) -> list[Result]:
             for c in r.get("comparisons", [])
         ]
         results.append(Result(r["name"], r["title"], r.get("baseline", ""), comparisons,
-                              list(r.get("notes", [])), r.get("error")))  # fmt: skip
+                              list(r.get("notes", [])), r.get("error"),
+                              dict(r.get("details") or {})))  # fmt: skip
     return results
 
 

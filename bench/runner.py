@@ -23,6 +23,7 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 # name -> module with `run(workdir: Path) -> Result`, in the order `all` runs them.
 BENCHMARKS = {
     "operator-scale": "bench.operator_scale",
+    "api-requests": "bench.api_requests",
     "provisioning": "bench.provisioning",
     "attach": "bench.attach",
     "data-path": "bench.data_path",
