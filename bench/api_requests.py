@@ -33,6 +33,7 @@ from bench import api_results
 from bench.api_audit import AuditedCluster, is_control_plane, source_tree
 from bench.api_results import histogram
 from bench.common import sample, scrape, timed_wait
+from bench.idle_vm import cpu_seconds
 from bench.report import Result
 from flashmesh.core import naming, resources
 from flashmesh.lab import processes
@@ -260,19 +261,33 @@ def run(workdir: Path) -> Result:
 
         timed_wait(f"the pool serving on all {nodes} storage nodes", pool_ready, 900)
         made = 0
+        vm_cpu: dict[str, float] = {}
         for count in STEPS:
             say(f"writing Volumes {made + 1:,} to {count:,}")
             make_volumes(kube, made, count)
             made = count
             settle(kube, count)
+            cpu0, t0 = vms_cpu(lab), time.monotonic()
             windows[str(count)] = api_results.measure(
                 cluster, window, f"{count:,} Volumes", who, histograms
             )
+            # A storage VM's CPU with its agent running: its QEMU process, per VM.
+            vm_cpu[str(count)] = (vms_cpu(lab) - cpu0) / (time.monotonic() - t0) / len(STORAGE)
         say("stopping FlashMesh for the control plane's own window")
         fm.stop()
         time.sleep(10)  # watches and requests in flight end, and are counted, before it
         windows["stopped"] = api_results.measure(cluster, window, "FlashMesh stopped", who)
-    return api_results.result(windows, source, window, STEPS, nodes, PER_VM)
+    result = api_results.result(windows, source, window, STEPS, nodes, PER_VM)
+    for volumes, share in vm_cpu.items():
+        result.add(f"storage VM CPU, agent running ({int(volumes):,} Volumes)", "% of a core",
+                   round(share * 100, 2))  # fmt: skip
+    result.details["storage_vm_cpu"] = vm_cpu
+    return result
+
+
+def vms_cpu(lab: Lab) -> float:
+    """CPU seconds the storage VMs' QEMU processes have used so far, together."""
+    return sum(cpu_seconds(lab._vms[spec.name].pid or 0) for spec in STORAGE)
 
 
 def main(argv: list[str] | None = None) -> int:
