@@ -24,6 +24,7 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 BENCHMARKS = {
     "operator-scale": "bench.operator_scale",
     "api-requests": "bench.api_requests",
+    "idle-vm": "bench.idle_vm",
     "provisioning": "bench.provisioning",
     "attach": "bench.attach",
     "data-path": "bench.data_path",

@@ -24,6 +24,7 @@ from flashmesh.core.units import format_bytes, parse_bytes
 # refuses deleting a pool still holding volumes.
 FINALIZER = "flashmesh.dev/operator"
 POOL_LABEL = "flashmesh.dev/pool"  # on the StorageClass and VolumeSnapshotClass of a pool
+STALE_REASON = "HeartbeatStale"  # a StorageNode's Ready reason once its heartbeat is lost
 
 
 @dataclass(frozen=True)
@@ -92,18 +93,18 @@ def node_health(node: StorageNode, heartbeat_fresh: bool) -> NodeHealth:
     if status is None or status.phase is None:
         return NodeHealth(name, False, "no status from its agent yet", capacity)
     conditions = {c.type: c for c in status.conditions or []}
-    if status.phase != "Ready":
-        ready = conditions.get("Ready")
-        return NodeHealth(name, False, f"NotReady: {ready.message if ready else '?'}", capacity)
-    if not heartbeat_fresh:
+    ready = conditions.get("Ready")
+    # Once the operator marked the node (heartbeat_lost), the pool still says why: the same
+    # words before and after the mark, so the mark changes nothing in the pool's status.
+    marked = ready is not None and ready.reason == STALE_REASON
+    if not heartbeat_fresh and (status.phase == "Ready" or marked):
         return NodeHealth(name, False, "heartbeat stale: its agent stopped renewing", capacity)
+    if status.phase != "Ready":
+        return NodeHealth(name, False, f"NotReady: {ready.message if ready else '?'}", capacity)
     drives = conditions.get("DrivesReady")
     if drives is not None and drives.status == "False":
         return NodeHealth(name, True, f"drive problem: {drives.message}", capacity)
     return NodeHealth(name, True, "serving", capacity)
-
-
-STALE_REASON = "HeartbeatStale"
 
 
 def heartbeat_lost(conditions: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:

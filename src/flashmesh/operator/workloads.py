@@ -36,7 +36,8 @@ class WorkloadReconciler:
         except KubeError as exc:
             log.warning("event %s on %s not written: %s", reason, obj["metadata"]["name"], exc)
 
-    def observe(self, name: str, namespace: str) -> workloads.Observed:
+    def observe(self, name: str, namespace: str, attached: set[str]) -> workloads.Observed:
+        """attached: the PersistentVolumes with a VolumeAttachment (the operator's index)."""
         mine = f"{workloads.WORKLOAD_LABEL}={name}"
         kube = self.kube
         seen = workloads.Observed(
@@ -56,19 +57,16 @@ class WorkloadReconciler:
             (claim.get("spec") or {}).get("volumeName"): claim_name
             for claim_name, claim in seen.pvcs.items()
         }
-        for attachment in kube.list("storage.k8s.io/v1", "VolumeAttachment"):
-            pv = ((attachment.get("spec") or {}).get("source") or {}).get("persistentVolumeName")
-            if pv in volumes:
-                seen.attached.add(volumes[pv])
+        seen.attached = {claim for pv, claim in volumes.items() if pv in attached}
         return seen
 
-    def reconcile(self, name: str, namespace: str) -> workloads.Decision | None:
+    def reconcile(self, name: str, namespace: str, attached: set[str]) -> workloads.Decision | None:
         obj = self.kube.get(API, TrainingWorkload.KIND, name, namespace)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None
         workload = TrainingWorkload.from_dict(obj)
         now = _stamp()
-        decision = workloads.decide(workload, self.observe(name, namespace), now)
+        decision = workloads.decide(workload, self.observe(name, namespace, attached), now)
         for new in decision.create:
             kind, new_name = new["kind"], new["metadata"]["name"]
             try:
