@@ -9,16 +9,13 @@ Leases an agent would write, and a placed volume's wait for agents runs out
 
 from __future__ import annotations
 
-import ssl
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from flashmesh.core import naming, resources
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
@@ -170,21 +167,6 @@ def test_two_placements_never_count_the_same_space(
 # --- steady state: no API requests -------------------------------------------------------------
 
 
-def request_counts(cluster: LocalCluster) -> dict[tuple[str, str], float]:
-    """apiserver_request_total by (verb, resource), from the API server's own /metrics."""
-    context = ssl.create_default_context(cafile=str(cluster.pki / "ca.crt"))
-    context.load_cert_chain(str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key"))
-    with urllib.request.urlopen(f"{cluster.server}/metrics", timeout=30, context=context) as r:
-        text = r.read().decode()
-    counts: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "apiserver_request_total":
-                key = (sample.labels.get("verb", ""), sample.labels.get("resource", ""))
-                counts[key] = counts.get(key, 0.0) + sample.value
-    return counts
-
-
 def test_a_controller_at_rest_or_answering_reads_asks_the_api_server_nothing(
     crds: LocalCluster, tmp_path: Any
 ) -> None:
@@ -209,9 +191,9 @@ def test_a_controller_at_rest_or_answering_reads_asks_the_api_server_nothing(
             snapshot = csi_pb2.CreateSnapshotRequest(name="snap-idle", source_volume_id=vids[0])
             assert code_of(stub.CreateSnapshot, snapshot)[0] == Code.DEADLINE_EXCEEDED
 
-            before = request_counts(crds)
+            before = crds.request_counts()
             time.sleep(3)  # at rest: a window measured, not a wait for some state
-            at_rest = request_counts(crds)
+            at_rest = crds.request_counts()
             for _ in range(3):
                 stub.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"pool": pool}))
                 stub.GetCapacity(csi_pb2.GetCapacityRequest())
@@ -224,7 +206,7 @@ def test_a_controller_at_rest_or_answering_reads_asks_the_api_server_nothing(
                     )
                     stub.ValidateVolumeCapabilities(validate)
                 assert code_of(stub.CreateVolume, requests[1])[0] == Code.DEADLINE_EXCEEDED
-            reading = request_counts(crds)
+            reading = crds.request_counts()
     finally:
         user.close()
         kube.delete("storage.k8s.io/v1", "CSINode", "idle-host")
@@ -238,9 +220,9 @@ def test_a_controller_at_rest_or_answering_reads_asks_the_api_server_nothing(
             return resource in WATCHED
         return verb != "WATCH" and resource in OWNED
 
-    def made(start: dict[tuple[str, str], float], end: dict[tuple[str, str], float]) -> Any:
-        return {k: v - start.get(k, 0.0) for k, v in end.items()
-                if counted(*k) and v > start.get(k, 0.0)}  # fmt: skip
+    def made(start: Any, end: Any) -> Any:
+        return {k: v - start[k] for k, v in end.items()
+                if counted(k[0], k[1]) and v > start[k]}  # fmt: skip
 
     assert made(before, at_rest) == {}, "requests while at rest"
     assert made(at_rest, reading) == {}, "requests while answering reads"

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from flashmesh.core import naming, resources
 from flashmesh.core.placement import space_used
@@ -33,18 +32,6 @@ API = resources.API_VERSION
 NS = "flashmesh-system"
 READ_BY_POOLS = {"volumes", "storagenodes", "snapshots", "leases", "nodes"}
 Requests = Counter[tuple[str, str, str]]  # (verb, resource, subresource) -> count
-
-
-def apiserver_requests(cluster: LocalCluster) -> Requests:
-    """apiserver_request_total summed over codes and scopes, from its /metrics."""
-    text = cluster.kubectl("get", "--raw", "/metrics").stdout
-    found: Requests = Counter()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "apiserver_request_total":
-                key = (s.labels["verb"], s.labels["resource"], s.labels.get("subresource", ""))
-                found[key] += int(s.value)
-    return found
 
 
 def reconciles() -> float:
@@ -189,12 +176,12 @@ def settle_and_measure(
     # A few more passes, so that what the settling wrote has come back by watch.
     start = reconciles()
     assert wait_until(lambda: reconciles() >= start + 2, 30)
-    before = apiserver_requests(cluster)
+    before = cluster.request_counts()
     start = reconciles()
     for node in [f"st-{i}" for i in range(nodes)]:  # heartbeats renewed: that changes nothing
         kube.renew_lease(NS, naming.node_lease(node), node, 3600)
     assert wait_until(lambda: reconciles() >= start + 5, 60), "no resync seen"
-    after = apiserver_requests(cluster)
+    after = cluster.request_counts()
     assert pool_status(kube, pool)["phase"] == "Ready"
     return before, after, reconciles() - start
 
