@@ -469,14 +469,14 @@ CSI_CONTROLLER = {
     "volumeattributesclasses.storage.k8s.io": GLW,
 }
 AGENT = {
-    "storagenodes.flashmesh.dev": {"get", "list", "create", "patch"},
+    "storagenodes.flashmesh.dev": GLW | {"create", "patch"},
     "storagenodes.flashmesh.dev/status": {"patch", "update"},
     "storagepools.flashmesh.dev": GLW,
-    "volumes.flashmesh.dev": GLW | {"update"},
+    "volumes.flashmesh.dev": GLW | {"update", "patch"},
     "volumes.flashmesh.dev/status": {"patch"},
-    "snapshots.flashmesh.dev": GLW | {"update"},
+    "snapshots.flashmesh.dev": GLW | {"update", "patch"},
     "snapshots.flashmesh.dev/status": {"patch"},
-    "csinodes.storage.k8s.io": {"get", "list"},
+    "csinodes.storage.k8s.io": GLW,
     "events": {"create", "patch"},
 }
 LEASES = "leases.coordination.k8s.io"
@@ -488,7 +488,7 @@ EXPECTED: dict[str, tuple[dict[str, set[str]], dict[str, set[str]]]] = {
         {"volumes.flashmesh.dev": {"get"}, "volumes.flashmesh.dev/status": {"patch"}},
         {"secrets": {"get", "list"}},
     ),
-    "agent": (AGENT, {LEASES: {"get", "create", "update", "patch"}, "secrets": {"get", "list"}}),
+    "agent": (AGENT, {LEASES: {"get", "create", "update", "patch"}, "secrets": GLW}),
 }
 
 _ROW = re.compile(r"^(\S*)\s+\[([^\]]*)\]\s+\[([^\]]*)\]\s+\[([^\]]*)\]\s*$")
