@@ -287,7 +287,7 @@ def run(workdir: Path) -> Result:
 
 def vms_cpu(lab: Lab) -> float:
     """CPU seconds the storage VMs' QEMU processes have used so far, together."""
-    return sum(cpu_seconds(lab._vms[spec.name].pid or 0) for spec in STORAGE)
+    return sum(cpu_seconds(lab.pid(spec.name)) for spec in STORAGE)
 
 
 def main(argv: list[str] | None = None) -> int:

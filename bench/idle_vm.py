@@ -36,13 +36,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def qemu_pid(lab: Lab, name: str) -> int:
-    """The QEMU process of a VM (the lab starts it under `ip netns exec`, which execs)."""
-    pid = lab._vms[name].pid
-    assert pid is not None
-    return pid
-
-
 def idle_share(workdir: Path, stage2: Path, window: float) -> float:
     """One VM booted with the given init, left alone: its CPU share of one host core."""
     original = labvm.STAGE2
@@ -52,7 +45,7 @@ def idle_share(workdir: Path, stage2: Path, window: float) -> float:
             lab.up([VmSpec("idle-0", 180)])
             lab.exec("idle-0", "true")  # the command path works
             time.sleep(SETTLE)  # boot-time work (module loads, first writes) ends
-            pid = qemu_pid(lab, "idle-0")
+            pid = lab.pid("idle-0")
             begin, cpu = time.monotonic(), cpu_seconds(pid)
             time.sleep(window)  # the measurement itself: a fixed window of idleness
             used = cpu_seconds(pid) - cpu

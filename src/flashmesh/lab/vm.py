@@ -339,6 +339,13 @@ class Lab:
         """The NVMe serial the VM's drive number has (at most 20 characters)."""
         return f"fm{vm_uuid(name)[:8]}n{number}"
 
+    def pid(self, name: str) -> int:
+        """The PID of the VM's QEMU process (`ip netns exec` execs it, keeping the PID)."""
+        pid = self._vm(name).pid
+        if pid is None:
+            raise LabError(f"{name} was never started")
+        return pid
+
     def spec(self, name: str) -> VmSpec:
         return self._vm(name).spec
 
