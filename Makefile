@@ -15,8 +15,9 @@ lint:
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The lab's scenarios and the other tests, as two pytest sessions at once.
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	PYTEST=$(BIN)/pytest bash scripts/pytest-streams.sh $(PYTEST_ARGS)
 
 # The fast tests only: no control plane, no VMs.
 unit:

@@ -1,17 +1,27 @@
 """csi-sanity v5.4 (built from its Go module) against FlashMesh's driver in the lab: the
-controller on the lab network, the node plugin and csi-sanity itself in a GPU VM, the
-agents in the two storage VMs; striped volumes (2 segments), mount and block access."""
+controller on the lab network, a node plugin and csi-sanity itself in each GPU VM (the
+mount and block passes run at once), the agents in the two storage VMs; striped volumes
+(2 segments), mount and block access."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from agents import POOL
-from csi import NODE_SOCKET, controller, controller_log, node_log, start_node_plugin
-from helpers import GPU0, Scenario
+from csi import (
+    NODE_SOCKET,
+    controller,
+    controller_log,
+    node_log,
+    start_node_plugin,
+    stop_node_plugin,
+)
+from helpers import GPU0, GPU1, Scenario
 
 from flashmesh.lab.binaries import locate_csi
 from flashmesh.lab.cluster import LocalCluster
@@ -19,41 +29,67 @@ from flashmesh.lab.vm import Lab
 
 pytestmark = pytest.mark.kernel
 
-VM = GPU0.name
+# The two passes run at once, each from its own GPU VM with its own node plugin: mount on
+# gpu-0, block on gpu-1 (csi-sanity names every volume uniquely, so they share the
+# controller and the agents without meeting).
+VMS = {"mount": GPU0.name, "block": GPU1.name}
 SIZE = 64 << 20
 
 
+@dataclass
+class Run:
+    rc: int
+    log: str
+    report: Path
+
+
 @pytest.fixture(scope="module")
-def driver(lab: Lab, agents: LocalCluster) -> Iterator[str]:
+def runs(lab: Lab, agents: LocalCluster) -> Iterator[dict[str, Run]]:
+    """Both csi-sanity passes, started together and awaited."""
     with controller(lab, agents) as address:
-        start_node_plugin(lab, agents, VM)
-        yield address
+        for vm in VMS.values():
+            start_node_plugin(lab, agents, vm)
+        try:
+            params = lab.workdir / "sanity-params.yaml"
+            params.write_text(f'pool: {POOL}\nstripeWidth: "2"\n')
+            jobs = {access: lab.spawn(vm, sanity_command(access, address, params.name))
+                    for access, vm in VMS.items()}  # fmt: skip
+            done = {access: lab.wait(VMS[access], job, timeout=3600)
+                    for access, job in jobs.items()}  # fmt: skip
+            yield {
+                access: Run(
+                    result.rc,
+                    (lab.workdir / f"sanity-{access}.log").read_text(errors="replace"),
+                    lab.workdir / f"sanity-{access}.xml",
+                )
+                for access, result in done.items()
+            }
+        finally:
+            stop_node_plugin(lab, VMS["block"])
 
 
-@pytest.mark.parametrize("access", ["mount", "block"])
-def test_csi_sanity_passes(lab: Lab, driver: str, access: str, scenario: Scenario) -> None:
+def sanity_command(access: str, address: str, params: str) -> str:
     sanity = locate_csi().csi_sanity
-    params = lab.workdir / "sanity-params.yaml"
-    params.write_text(f'pool: {POOL}\nstripeWidth: "2"\n')
-    report = f"sanity-{access}.xml"
+    work = f"/run/csi-sanity-{access}"
     # The controller's specs do not depend on the access type (it validates a capability of
     # either kind the same way): they run once, with mount; block runs the node's specs.
     focus = "--ginkgo.focus='Node Service' " if access == "block" else ""
-    run = lab.exec(
-        VM,
-        f"rm -rf /run/csi-sanity && mkdir -p /run/csi-sanity && cd /run/csi-sanity && "
-        f"{sanity} --csi.endpoint=unix://{NODE_SOCKET} "
-        f"--csi.controllerendpoint=dns:///{driver} "
-        f"--csi.stagingdir=/run/csi-sanity/staging --csi.mountdir=/run/csi-sanity/mount "
+    return (
+        f"rm -rf {work} && mkdir -p {work} && cd {work} && "
+        f"exec {sanity} --csi.endpoint=unix://{NODE_SOCKET} "
+        f"--csi.controllerendpoint=dns:///{address} "
+        f"--csi.stagingdir={work}/staging --csi.mountdir={work}/mount "
         f"--csi.testvolumesize={SIZE} --csi.testvolumeexpandsize={2 * SIZE} "
-        f"--csi.testvolumeparameters=/lab/{params.name} --csi.testvolumeaccesstype={access} "
-        f"--csi.junitfile=/lab/{report} -ginkgo.timeout=2h {focus}"
-        f"> /lab/sanity-{access}.log 2>&1",
-        timeout=3600,
-        check=False,
+        f"--csi.testvolumeparameters=/lab/{params} --csi.testvolumeaccesstype={access} "
+        f"--csi.junitfile=/lab/sanity-{access}.xml -ginkgo.timeout=2h {focus}"
+        f"> /lab/sanity-{access}.log 2>&1"
     )
-    log = (lab.workdir / f"sanity-{access}.log").read_text(errors="replace")
-    cases = ET.parse(lab.workdir / report).getroot().iter("testcase")
+
+
+@pytest.mark.parametrize("access", ["mount", "block"])
+def test_csi_sanity_passes(lab: Lab, runs: dict[str, Run], access: str, scenario: Scenario) -> None:
+    run = runs[access]
+    cases = ET.parse(run.report).getroot().iter("testcase")
     passed, skipped, failed = [], Counter[str](), []
     for case in cases:
         name = case.get("name", "")
@@ -67,11 +103,11 @@ def test_csi_sanity_passes(lab: Lab, driver: str, access: str, scenario: Scenari
     reasons = "; ".join(f"{n} x {why}" for why, n in skipped.most_common())
     print(f"csi-sanity {access}: {len(passed)} passed, {sum(skipped.values())} skipped ({reasons})")
     assert run.rc == 0 and not failed, (
-        f"failed: {failed}\n{log[-6000:]}\n--- controller ---\n{controller_log(lab)}"
-        f"\n--- node ---\n{node_log(lab, VM)}"
+        f"failed: {failed}\n{run.log[-6000:]}\n--- controller ---\n{controller_log(lab)}"
+        f"\n--- node ---\n{node_log(lab, VMS[access])}"
     )
     assert len(passed) > (20 if access == "block" else 40)
     scenario.done(
-        f"csi-sanity {access}, 2-way stripes: {len(passed)} specs passed, "
-        f"{sum(skipped.values())} skipped ({reasons or 'none'})"
+        f"csi-sanity {access} (from {VMS[access]}, alongside the other pass), 2-way stripes: "
+        f"{len(passed)} specs passed, {sum(skipped.values())} skipped ({reasons or 'none'})"
     )

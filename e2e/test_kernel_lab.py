@@ -99,11 +99,11 @@ def test_nvme_tcp_export_carries_verified_io(lab: Lab, scenario: Scenario) -> No
     export(lab, STORAGE0.name, nqn, local_drive(lab, STORAGE0.name, 0), TCP0)
     try:
         device = connect(lab, "tcp", STORAGE0.address(0), 4420, nqn)
-        job = fio_result(sh(lab, GPU, f"fio_verify {device} 64M"))
-        assert_verified(job, 64 * MIB)
+        job = fio_result(sh(lab, GPU, f"fio_verify {device} 32M"))
+        assert_verified(job, 32 * MIB)
     finally:
         disconnect(lab, nqn)
-    scenario.done("64 MiB written and verified over NVMe/TCP")
+    scenario.done("32 MiB written and verified over NVMe/TCP")
 
 
 def rdma_verified_io(lab: Lab, nqn: str) -> None:
@@ -114,7 +114,7 @@ def rdma_verified_io(lab: Lab, nqn: str) -> None:
         device = connect(lab, "rdma", STORAGE0.address(0), 4421, nqn)
         transport = sh(lab, GPU, "cat /sys/class/nvme-subsystem/*/nvme*/transport | sort -u")
         assert transport.split() == ["rdma"]
-        assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 64M")), 64 * MIB)
+        assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 32M")), 32 * MIB)
     finally:
         with contextlib.suppress(VmDied):
             disconnect(lab, nqn)
@@ -131,7 +131,7 @@ def test_nvme_rdma_over_soft_roce_carries_verified_io(lab: Lab, scenario: Scenar
     # The RoCEv2 GID carries the VM's fabric address (IPv4-mapped).
     assert str(ipaddress.IPv6Address(port["gid"]).ipv4_mapped) == GPU0.address(0)
     assert any(g["type"] == "RoCE v2" and g["gid"] == port["gid"] for g in port["gids"])
-    scenario.done(f"64 MiB verified over NVMe/RDMA (rxe0); pyverbs sees rxe0 ACTIVE, RoCEv2{note}")
+    scenario.done(f"32 MiB verified over NVMe/RDMA (rxe0); pyverbs sees rxe0 ACTIVE, RoCEv2{note}")
 
 
 def test_lvm_volume_and_a_stripe_over_two_storage_vms(lab: Lab, scenario: Scenario) -> None:
@@ -141,7 +141,7 @@ def test_lvm_volume_and_a_stripe_over_two_storage_vms(lab: Lab, scenario: Scenar
     export(lab, STORAGE1.name, right, lvm_volume(lab, STORAGE1.name, "stripe", "64M"), S1_TCP0)
     try:
         device = connect(lab, "tcp", STORAGE0.address(0), 4420, single)
-        assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 64M")), 64 * MIB)
+        assert_verified(fio_result(sh(lab, GPU, f"fio_verify {device} 32M")), 32 * MIB)
 
         a = connect(lab, "tcp", STORAGE0.address(0), 4420, left)
         b = connect(lab, "tcp", STORAGE1.address(0), 4420, right)
@@ -149,8 +149,9 @@ def test_lvm_volume_and_a_stripe_over_two_storage_vms(lab: Lab, scenario: Scenar
         sh(lab, GPU, f"dmsetup create fmstripe --table '0 262144 striped 2 128 {a} 0 {b} 0'")
         table = sh(lab, GPU, "dmsetup table fmstripe").split()
         assert table[2:5] == ["striped", "2", "128"]
-        job = fio_result(sh(lab, GPU, "fio_verify /dev/mapper/fmstripe 96M"))
-        assert_verified(job, 96 * MIB)
+        # 48 MiB: 768 chunks, alternating between the two storage VMs.
+        job = fio_result(sh(lab, GPU, "fio_verify /dev/mapper/fmstripe 48M"))
+        assert_verified(job, 48 * MIB)
         # Both storage VMs carried data.
         for vm, nqn in ((STORAGE0.name, left), (STORAGE1.name, right)):
             written = sh(
@@ -161,7 +162,7 @@ def test_lvm_volume_and_a_stripe_over_two_storage_vms(lab: Lab, scenario: Scenar
         sh(lab, GPU, "dmsetup remove fmstripe 2>/dev/null || true")
         for nqn in (single, left, right):
             disconnect(lab, nqn)
-    scenario.done("LVM volume exported and verified; 96 MiB verified over a 2-VM dm stripe")
+    scenario.done("LVM volume exported and verified; 48 MiB verified over a 2-VM dm stripe")
 
 
 def test_multipath_survives_a_link_cut_without_a_verify_error(lab: Lab, scenario: Scenario) -> None:

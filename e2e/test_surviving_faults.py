@@ -24,6 +24,7 @@ from agents import (
     NODES,
     POOL,
     agent_log,
+    agent_passes,
     node_name,
     restart_storage,
     start_agent,
@@ -36,7 +37,7 @@ from flashmesh.core import mirrors, naming
 from flashmesh.csi_driver._proto import csi_pb2
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
-from flashmesh.lab.vm import Lab, host_nqn
+from flashmesh.lab.vm import Lab, VmSpec, host_nqn
 
 pytestmark = pytest.mark.kernel
 
@@ -46,8 +47,11 @@ BLOCK = csi_pb2.VolumeCapability(
     access_mode=csi_pb2.VolumeCapability.AccessMode(mode=Mode.SINGLE_NODE_WRITER),
 )
 VM = GPU0.name
-FIO_MIB = 48  # fio's region; the stall probe writes beyond it
+# fio's region: small, so a verify pass takes seconds and a scenario's waits for "two more
+# passes" are short; the stall probe writes beyond it.
+FIO_MIB = 16
 PROBE_BLOCK = 16384  # 4 KiB block number 16384: 64 MiB in
+CHECKSUM_MIB = (PROBE_BLOCK >> 8) + 1  # the replicas are compared up to the probe's block
 
 
 @dataclass
@@ -179,7 +183,7 @@ def in_sync_condition(kube: Any, vid: str) -> dict[str, Any]:
 def data_checksum(lab: Lab, vm: str, vid: str, replica: int) -> str:
     lv = naming.lv_device(naming.pool_volume_group(POOL), naming.segment_lv(vid, 0, replica))
     skip = mirrors.DATA_OFFSET >> 20
-    out = sh(lab, vm, f"dd if={lv} bs=1M skip={skip} count={FIO_MIB + 16} 2>/dev/null"
+    out = sh(lab, vm, f"dd if={lv} bs=1M skip={skip} count={CHECKSUM_MIB} 2>/dev/null"
                       " | sha256sum")  # fmt: skip
     return out.split()[0]
 
@@ -241,6 +245,14 @@ def test_a_mirror_loses_a_storage_node_without_losing_a_write_then_resyncs(
         f"errors; writes stalled {stall:.1f} s at most; degraded {degraded_for:.0f} s; "
         f"resynced; replicas identical ({next(iter(sums.values()))[:12]})"
     )
+
+
+def first_pass_done(spec: VmSpec) -> bool:
+    """The (new) agent answers on its metrics port and has finished a pass."""
+    try:
+        return agent_passes(spec)["finished"] >= 1
+    except OSError:  # not listening yet
+        return False
 
 
 def mirror_path(vid: str) -> str:
@@ -307,6 +319,12 @@ def test_restarting_the_node_plugin_and_agents_under_fio_verify(
     for spec in NODES:
         stop_agent(lab, spec)
         start_agent(lab, spec)
+    # Two more passes once each new agent has made its first pass over the node: the
+    # restarts' whole effect on the exports lies inside the verified I/O.
+    for spec in NODES:
+        assert processes.wait_until(lambda s=spec: first_pass_done(s), 300), agent_log(
+            lab, spec.name
+        )
     done = len(loop.passes())
     assert processes.wait_until(lambda: loop.ok_after(done + 2), 900), loop.passes()
     passes = loop.stop()

@@ -11,6 +11,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/versions.env"
 cache=${FLASHMESH_CACHE:-$HOME/.cache/flashmesh}
 export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS="-trimpath -buildvcs=false"
+# The compiler collects garbage less often: a fifth less compile time on this 2-core machine
+# (csi-sanity from an empty build cache: 40 s against 50 s), for memory it has plenty of.
+export GOGC=${GOGC:-400}
 
 say() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
