@@ -31,13 +31,22 @@ from flashmesh.lab.vm import Lab
 _SESSION: dict[str, object] = {}
 
 
+# The scenarios that run the CSI sidecars, csi-sanity or helm: scripts/setup.sh may still
+# be building those in the background when the tests start, so they come last.
+NEED_CSI_TOOLS = ("test_csi_kubernetes.py", "test_csi_sanity.py", "test_workload.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The demo boots a lab of its own: it runs before the first scenario boots the
-    session's lab, so the two labs' emulated CPUs never share the machine's cores."""
+    """The demo boots a lab of its own: in a session that runs it with the others, it runs
+    before the first scenario boots the session's lab. The scenarios that need the CSI
+    tools run after every other scenario."""
     demo = [i for i in items if i.path.name == "test_demo.py"]
     rest = [i for i in items if i.path.name != "test_demo.py"]
     first = next((n for n, i in enumerate(rest) if i.path.parent.name == "e2e"), len(rest))
-    items[:] = rest[:first] + demo + rest[first:]
+    scenarios = rest[first:]
+    later = [i for i in scenarios if i.path.name in NEED_CSI_TOOLS]
+    sooner = [i for i in scenarios if i.path.name not in NEED_CSI_TOOLS]
+    items[:] = rest[:first] + demo + sooner + later
 
 
 @pytest.fixture(scope="session")

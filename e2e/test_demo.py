@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import Scenario
 
-pytestmark = pytest.mark.kernel
+# Its own lab and network: `make test` runs it beside the session lab's scenarios.
+pytestmark = [pytest.mark.kernel, pytest.mark.own_lab]
 
 
 def test_the_demo_runs_end_to_end_with_its_data_check(tmp_path: Path, scenario: Scenario) -> None:

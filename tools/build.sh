@@ -3,8 +3,9 @@
 # modules, through the module proxy, into a cache outside the repository ($FLASHMESH_CACHE,
 # default ~/.cache/flashmesh), one folder per component and version. A folder that is
 # complete is reused; nothing is rebuilt.
-#   usage: tools/build.sh [k8s|etcd|kwok|csi|sanity|helm|mock ...]
-#   (default: all but mock, which only the benchmarks use)
+#   usage: tools/build.sh [--check] [k8s|etcd|kwok|csi|sanity|helm|mock ...]
+#   (default: all but mock, which only the benchmarks use; --check builds nothing and
+#   exits 1 when any of them is not cached)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -65,6 +66,7 @@ run_build() {
   while [ "$1" != "--" ]; do bins+=("$1"); shift; done; shift
   local missing=0
   for b in "${bins[@]}"; do [ -x "$dest/$b" ] || missing=1; done
+  if [ "$check_only" = 1 ]; then [ $missing = 0 ] || uncached+=("$name"); return 0; fi
   if [ $missing = 0 ]; then say "$name: cached in $dest"; return; fi
   ensure_go
   say "$name: building ${bins[*]} (a cold build takes minutes)"
@@ -178,8 +180,23 @@ build_mock() {
 csi_dir="$cache/bin/csi-provisioner-$CSI_PROVISIONER_VERSION-attacher-$CSI_ATTACHER_VERSION"
 csi_dir="$csi_dir-resizer-$CSI_RESIZER_VERSION-snapshotter-$CSI_SNAPSHOTTER_VERSION"
 
+check_only=0 uncached=()
+if [ "${1:-}" = --check ]; then check_only=1; shift; fi
 targets=("$@")
 [ ${#targets[@]} = 0 ] && targets=(k8s etcd kwok csi sanity helm)
+
+# One build at a time: a second tools/build.sh (or anything that waits for the tools, such
+# as flashmesh.lab.binaries) waits for the running one and then finds what it built. A
+# caller that already holds the lock for this run (scripts/setup.sh's background build)
+# says so with FLASHMESH_BUILD_LOCK_HELD=1.
+if [ "$check_only" = 0 ] && [ "${FLASHMESH_BUILD_LOCK_HELD:-}" != 1 ]; then
+  mkdir -p "$cache/bin"
+  exec 9>>"$cache/bin/.build.lock"
+  if ! flock -n 9; then
+    say "waiting for the build already running (its log: $cache/bin/background-build.log)"
+    flock 9
+  fi
+fi
 for t in "${targets[@]}"; do
   case $t in
     k8s)  run_build kubernetes "$cache/bin/kubernetes-$KUBERNETES_VERSION" \
@@ -197,3 +214,6 @@ for t in "${targets[@]}"; do
        exit 2 ;;
   esac
 done
+if [ "$check_only" = 1 ] && [ ${#uncached[@]} -gt 0 ]; then
+  say "not built yet: ${uncached[*]}"; exit 1
+fi

@@ -8,8 +8,10 @@ VolumeSnapshot CRDs, csi-sanity and helm.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +125,33 @@ def csi_dir(v: dict[str, str] | None = None) -> Path:
     return cache_dir() / "bin" / name
 
 
+def wait_for_builds(progress_every: float = 30.0) -> None:
+    """Returns once no tools/build.sh is running: scripts/setup.sh leaves the CSI sidecars,
+    csi-sanity and helm building in the background, holding the build lock until done."""
+    lock = cache_dir() / "bin" / ".build.lock"
+    if not lock.exists():
+        return
+    with lock.open("a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        log = lock.parent / "background-build.log"
+        say(f"waiting for the build of the CSI sidecars, csi-sanity and helm (log: {log})")
+        waiter = threading.Thread(target=fcntl.flock, args=(held, fcntl.LOCK_SH), daemon=True)
+        waiter.start()
+        waited = 0.0
+        while waiter.is_alive():
+            waiter.join(progress_every)
+            waited += progress_every
+            if waiter.is_alive():
+                say(f"still waiting for the background build ({waited:.0f} s; log: {log})")
+
+
 def locate_csi() -> CsiTools:
+    """The CSI tools' paths, once any build of them in progress has ended."""
+    wait_for_builds()
     v = versions()
     bin_dir = cache_dir() / "bin"
     csi = csi_dir(v)
