@@ -76,6 +76,28 @@ def test_a_fake_node_is_ready_with_its_labels_gpus_and_csinode(
     assert csinode["metadata"]["ownerReferences"][0]["uid"] == node["metadata"]["uid"]
 
 
+def test_a_csinode_written_before_its_node_is_taken_over_by_the_new_node(
+    cluster: LocalCluster,
+) -> None:
+    """A node plugin started by hand writes its CSINode before any Node exists (as the
+    lab's scenarios do): a fake Node made afterwards takes it over, drivers and owner."""
+    kube = cluster.kube
+    kube.create({
+        "apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": {"name": "early-0"},
+        "spec": {"drivers": [{"name": "csi.flashmesh.dev", "nodeID": "old"}]},
+    })  # fmt: skip
+    drivers = [{"name": "csi.flashmesh.dev", "nodeID": "new", "topologyKeys": ["zone"]}]
+    node = cluster.add_fake_node("early-0", csi_drivers=drivers, wait_ready=False)
+    try:
+        csinode = kube.get("storage.k8s.io/v1", "CSINode", "early-0")
+        assert csinode is not None
+        assert csinode["spec"]["drivers"] == drivers
+        assert csinode["metadata"]["ownerReferences"][0]["uid"] == node["metadata"]["uid"]
+    finally:
+        kube.delete("v1", "Node", "early-0")
+        kube.delete("storage.k8s.io/v1", "CSINode", "early-0")
+
+
 def test_a_deployment_pod_is_scheduled_to_the_fake_node_and_runs(
     cluster: LocalCluster, gpu_node: dict[str, Any]
 ) -> None:

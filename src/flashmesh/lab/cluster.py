@@ -485,24 +485,28 @@ class LocalCluster:
                 "status": {"capacity": resources, "allocatable": resources},
             }
         )
-        self.kube.create(
-            {
-                "apiVersion": "storage.k8s.io/v1",
-                "kind": "CSINode",
-                "metadata": {
-                    "name": name,
-                    "ownerReferences": [
-                        {
-                            "apiVersion": "v1",
-                            "kind": "Node",
-                            "name": name,
-                            "uid": node["metadata"]["uid"],
-                        }
-                    ],
-                },
-                "spec": {"drivers": csi_drivers or []},
-            }
-        )
+        csi_node: dict[str, Any] = {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "CSINode",
+            "metadata": {
+                "name": name,
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Node",
+                        "name": name,
+                        "uid": node["metadata"]["uid"],
+                    }
+                ],
+            },
+            "spec": {"drivers": csi_drivers or []},
+        }
+        # A CSINode may be there before its Node (a node plugin started by hand writes one,
+        # as a kubelet would): the new Node's own takes its place. Its driver entries are
+        # immutable, so the old one goes first (a CSINode has no finalizer).
+        if self.kube.get("storage.k8s.io/v1", "CSINode", name) is not None:
+            self.kube.delete("storage.k8s.io/v1", "CSINode", name)
+        self.kube.create(csi_node)
         if wait_ready:
             self._wait(
                 lambda: node_is_ready(self.kube.get("v1", "Node", name)),
