@@ -119,6 +119,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     seen = item.stash.get(_PANICS_BEFORE, None)
     if report.failed and isinstance(lab, Lab) and seen is not None and _panics(lab) > seen:
         item.stash[_PANICKED] = True
+    if report.failed and isinstance(lab, Lab):
+        report.sections.append(("lab logs (their last lines)", _log_tails(lab)))
+
+
+def _log_tails(lab: Lab, lines: int = 25) -> str:
+    """The last lines of every component's log in the lab's folder: the lab (and these
+    logs) are gone when the session ends, and a CI run leaves only its output."""
+    parts = []
+    for log in sorted(lab.workdir.glob("*.log")) + sorted((lab.workdir / "logs").glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {log.relative_to(lab.workdir)}\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 @pytest.hookimpl(tryfirst=True)

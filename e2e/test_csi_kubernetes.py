@@ -30,7 +30,7 @@ from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.sidecars import Sidecars
 from flashmesh.lab.vm import Lab, host_nqn
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.second_lab]
 
 VM = GPU1.name
 NS = "default"

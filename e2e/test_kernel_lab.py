@@ -32,7 +32,7 @@ from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.netns import bridge_address
 from flashmesh.lab.vm import Lab, LabError, VmDied, VmSpec, host_nqn
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.second_lab]
 
 # Not FlashMesh's NQN prefix: these hand-made exports are no business of its planner.
 NQN = "nqn.2026-11.dev.lab:"

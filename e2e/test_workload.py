@@ -58,7 +58,7 @@ from flashmesh.lab.kubelet import StandInKubelet
 from flashmesh.lab.sidecars import Sidecars
 from flashmesh.lab.vm import Lab
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.second_lab]
 
 API = resources.API_VERSION
 NS = "default"
