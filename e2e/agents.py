@@ -31,6 +31,16 @@ UNEXPORT_ALL = (
 )
 
 
+# An xfs superblock over sector 0 of an ext4 drive; blkid then exits 8.
+AMBIVALENT = """
+d={drive}
+mkfs.xfs -q -f $d && dd if=$d of=/tmp/xfs-sb bs=512 count=1 status=none
+mkfs.ext4 -q -F $d && dd if=/tmp/xfs-sb of=$d bs=512 count=1 conv=notrunc status=none
+rc=0; blkid -p $d >/dev/null 2>&1 || rc=$?
+test $rc = 8 || {{ echo "blkid -p $d exits $rc, not 8"; exit 1; }}
+"""
+
+
 def node_name(vm: str) -> str:
     """The agents' StorageNode names, apart from the samples other tests create."""
     return f"agent-{vm}"
@@ -103,10 +113,13 @@ def run_agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
     kubeconfig = lab.workdir / "agent.kubeconfig"  # in the lab's share: every VM sees it
     kubeconfig.write_text(crds.portable_kubeconfig(bridge_address(0)))
     # storage-0 has soft-RoCE on its fabric link, storage-1 has not; storage-1's third drive
-    # holds a filesystem that the pool's selection matches.
+    # holds a filesystem that the pool's selection matches, and its fourth an ext4 and an
+    # xfs superblock at once (what blkid calls ambivalent, exit 8: a drive reused without
+    # wiping), which read as blank before.
     fabric_up(lab, STORAGE0)
-    ext4 = lab.drive_serial(STORAGE1.name, 2)
+    ext4, both = (lab.drive_serial(STORAGE1.name, n) for n in (2, 3))
     sh(lab, STORAGE1.name, f"mkfs.ext4 -q -F $(drive_by_serial {ext4})")
+    sh(lab, STORAGE1.name, AMBIVALENT.format(drive=f"$(drive_by_serial {both})"))
     for spec in NODES:
         kube.create({"apiVersion": API, "kind": "StorageNode",
                      "metadata": {"name": node_name(spec.name), "labels": {"pool": POOL}},

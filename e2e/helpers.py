@@ -28,12 +28,13 @@ STORAGE0 = VmSpec(
 )
 # storage-1: drive 0 for hand-made LVM volumes (the second half of a stripe, the restart
 # scenario), throttled (at 200 MB/s, above what emulation reaches) so the option is
-# exercised; drive 1 for the agent; drive 2 matches the agent's pool too but holds a
-# filesystem, which the agent must refuse and leave alone.
+# exercised; drive 1 for the agent; drives 2 and 3 match the agent's pool too, but 2 holds
+# a filesystem and 3 conflicting leftover signatures, which the agent must refuse and leave
+# alone.
 STORAGE1 = VmSpec(
     "storage-1",
     2,
-    drives=(Drive(512, bps=200 << 20), AGENT_DRIVE, AGENT_DRIVE),
+    drives=(Drive(512, bps=200 << 20), AGENT_DRIVE, AGENT_DRIVE, AGENT_DRIVE),
     links=1,
     memory_mib=384,
 )

@@ -110,13 +110,23 @@ def test_agents_register_their_nodes_with_the_real_drives(
     assert (drives["status"], drives["reason"]) == ("False", "DriveInUse")
     fix = f"{ext4} holds a ext4 signature: wipe it (wipefs -a) or exclude it by path"
     assert fix in drives["message"]
+    # So was the drive with conflicting signatures (blkid's exit 8 read as blank before).
+    both = sh(lab, STORAGE1.name, f"drive_by_serial {lab.drive_serial(STORAGE1.name, 3)}")
+    both = both.strip()
+    conflicting = (
+        f"{both} holds several conflicting signatures (blkid: ambivalent result): "
+        "wipe it (wipefs -a) or exclude it by path"
+    )
+    assert conflicting in drives["message"], drives["message"]
+    assert lab.exec(STORAGE1.name, f"blkid -p {both}", check=False).rc == 8
     events = agents.kube.list("v1", "Event", namespace="default")
     about = [e for e in events if e["involvedObject"]["name"] == node_name(STORAGE1.name)]
     assert any(e["reason"] == "DriveInUse" and ext4 in e["message"] for e in about), about
     assert sh(lab, STORAGE1.name, f"blkid -p -o value -s TYPE {ext4}").strip() == "ext4"
     scenario.done(
         "2 agents registered their real drives and VGs; rdma advertised only with rxe; "
-        "a drive holding ext4 refused with a condition and an Event, untouched"
+        "a drive holding ext4 and one with conflicting signatures refused with a condition "
+        "and an Event, untouched"
     )
 
 

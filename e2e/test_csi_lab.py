@@ -49,14 +49,24 @@ def mount_cap(mode: int) -> csi_pb2.VolumeCapability:
     )
 
 
-def create(driver: Driver, name: str, stripes: int = 2) -> csi_pb2.Volume:
+def block_cap(mode: int) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def create(
+    driver: Driver,
+    name: str,
+    stripes: int = 2,
+    caps: list[csi_pb2.VolumeCapability] | None = None,
+) -> csi_pb2.Volume:
     request = csi_pb2.CreateVolumeRequest(
         name=name,
         capacity_range=csi_pb2.CapacityRange(required_bytes=64 << 20),
-        volume_capabilities=[
-            mount_cap(Mode.SINGLE_NODE_WRITER),
-            mount_cap(Mode.MULTI_NODE_READER_ONLY),
-        ],
+        volume_capabilities=caps
+        or [mount_cap(Mode.SINGLE_NODE_WRITER), mount_cap(Mode.MULTI_NODE_READER_ONLY)],
         parameters={"pool": POOL, "stripeWidth": str(stripes)},
     )
     volume: csi_pb2.Volume = driver.controller.CreateVolume(request, timeout=600).volume
@@ -73,10 +83,12 @@ class Attached:
         vm: str,
         mode: int,
         secrets: dict[str, str] | None = None,
+        block: bool = False,
+        readonly: bool = False,
     ) -> None:
         self.driver, self.volume, self.vm = driver, volume, vm
-        self.cap = mount_cap(mode)
-        self.readonly = mode == Mode.MULTI_NODE_READER_ONLY
+        self.cap = block_cap(mode) if block else mount_cap(mode)
+        self.readonly = readonly or mode == Mode.MULTI_NODE_READER_ONLY
         self.staging = f"/run/csi-test/{volume.volume_id}/staging"
         self.target = f"/run/csi-test/{volume.volume_id}/target"
         published = driver.controller.ControllerPublishVolume(
@@ -238,4 +250,67 @@ def test_with_authentication_the_nodes_key_attaches_and_a_wrong_key_is_refused(
     scenario.done(
         "DH-HMAC-CHAP through CSI: a wrong node-stage key refused by the target, "
         "the node's key from its Secret attached and wrote"
+    )
+
+
+def test_a_partitioned_block_volume_staged_as_a_filesystem_is_refused_and_kept(
+    lab: Lab, driver: Driver, scenario: Scenario
+) -> None:
+    """A raw block volume its user partitioned (a VM image, a database's device), staged
+    later as a filesystem (a static PV over the same handle, a mode-changing restore):
+    blkid finds no filesystem under TYPE, only a partition table, and mkfs.ext4 without
+    a terminal formats over it without asking. It must be refused, its bytes intact."""
+    gpu, writer = GPU0.name, Mode.SINGLE_NODE_WRITER
+    volume = create(driver, "pvc-csi-partitioned", stripes=1, caps=[block_cap(writer)])
+    vid = volume.volume_id
+    try:
+        raw = Attached(driver, volume, gpu, writer, block=True)
+        written = sh(
+            lab,
+            gpu,
+            f"printf 'label: gpt\\n,\\n' | sfdisk -q {raw.target} >/dev/null && "
+            f"dd if=/dev/urandom of={raw.target} bs=1M seek=1 count=8 oflag=direct status=none"
+            f" && sync && head -c 16M {raw.target} | sha256sum | cut -d' ' -f1",
+        ).strip()
+        raw.detach()
+        with pytest.raises(grpc.RpcError) as refused:
+            Attached(driver, volume, gpu, writer)  # as ext4
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, logs(lab)
+        assert "holds a gpt partition table" in refused.value.details()
+        driver.nodes[gpu].NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(
+                volume_id=vid, staging_target_path=f"/run/csi-test/{vid}/staging"
+            ),
+            timeout=300,
+        )
+        driver.controller.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(gpu)),
+            timeout=600,
+        )
+        # Published read-only (a PV or pod volume with readOnly): its bytes read back,
+        # and a write to the device fails, where a read-only bind mount of a device node
+        # alone let it through.
+        again = Attached(driver, volume, gpu, writer, block=True, readonly=True)
+        read = sh(lab, gpu, f"head -c 16M {again.target} | sha256sum | cut -d' ' -f1").strip()
+        assert read == written, "the partitioned volume's bytes changed"
+        table = sh(lab, gpu, f"blkid -p -o export {again.target}")
+        assert "PTTYPE=gpt" in table and "TYPE=ext4" not in table, table
+        write = lab.exec(
+            gpu, f"dd if=/dev/zero of={again.target} bs=4k count=1 oflag=direct", check=False
+        )
+        refusals = ("Operation not permitted", "Permission denied", "Read-only file system")
+        assert write.rc != 0 and any(r in write.output for r in refusals), write.output
+        again.detach()
+    except grpc.RpcError as err:
+        raise AssertionError(f"{err.code()}: {err.details()}\n{logs(lab)}") from None
+    finally:
+        driver.controller.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(gpu)),
+            timeout=600,
+        )
+        driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=600)
+    scenario.done(
+        "a block volume partitioned (gpt) and written, then staged as ext4: refused "
+        "(FAILED_PRECONDITION, the table named), table and sha256 of its first 16 MiB intact; "
+        "published read-only, a write to the device failed"
     )

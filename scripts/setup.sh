@@ -9,12 +9,13 @@ say() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 # The control plane and tests; then the kernel lab: QEMU, the initramfs tools, and the data
 # path's userland that the VMs share with the host (installed before any VM boots: the VMs
 # cache the host's files). lvm2 only recommends thin-provisioning-tools, which thin pools need.
+# fdisk: scenarios partition a volume as its user would (sfdisk).
 # prometheus: the lab runs its own, scraping every component (the packaged service is not
 # wanted and is stopped where systemd runs it).
 packages=(make openssl python3 python3-venv iproute2 ca-certificates curl
           qemu-system-x86 busybox-static cpio kmod xz-utils
           nvme-cli fio python3-pyverbs ibverbs-providers rdma-core
-          lvm2 thin-provisioning-tools mdadm xfsprogs e2fsprogs
+          lvm2 thin-provisioning-tools mdadm xfsprogs e2fsprogs fdisk
           prometheus)
 missing=()
 for p in "${packages[@]}"; do

@@ -404,6 +404,39 @@ def test_a_repeat_publish_asking_for_other_access_already_exists(
     assert "flashmesh.dev/published" not in (volume["metadata"].get("annotations") or {})
 
 
+def test_a_published_striped_volume_is_neither_cloned_nor_snapshotted(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
+    """Its segments' thin snapshots would be taken seconds apart while a host writes: a
+    torn copy. A clone used to be made anyway (only snapshots were refused), and neither
+    took the source's lock, so a publish could land between the check and the copy."""
+    code_of(stub[0].CreateVolume, create("pvc-torn-source", size=8 * MIB))  # 2 stripes
+    source = naming.volume_id("pvc-torn-source")
+    host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ef"
+    cached(controller.cluster.cache.csinodes, csinode(pool, "torn", host))
+    publish = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=source, node_id=host, volume_capability=mount()
+    )
+    assert code_of(stub[0].ControllerPublishVolume, publish)[0] == Code.DEADLINE_EXCEEDED
+    clone = create("pvc-torn-clone", size=8 * MIB)
+    clone.volume_content_source.volume.volume_id = source
+    got, message = code_of(stub[0].CreateVolume, clone)
+    assert got == Code.FAILED_PRECONDITION, message
+    assert f"published to {host}" in message and "unpublish it, then clone it" in message
+    assert pool.get(API, "Volume", naming.volume_id("pvc-torn-clone")) is None
+    snapshot = csi_pb2.CreateSnapshotRequest(name="torn-snap", source_volume_id=source)
+    got, message = code_of(stub[0].CreateSnapshot, snapshot)
+    assert got == Code.FAILED_PRECONDITION and "unpublish it, then snapshot it" in message
+    # Both take the source's lock: while a publish of it runs, they wait their turn.
+    with controller.locks.hold(source):
+        for call, request in ((stub[0].CreateVolume, clone), (stub[0].CreateSnapshot, snapshot)):
+            got, message = code_of(call, request)
+            assert got == Code.ABORTED and f"{source} is already in progress" in message
+    unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=source, node_id=host)
+    assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.OK
+    pool.delete("storage.k8s.io/v1", "CSINode", "torn")
+
+
 def test_every_call_is_timed_by_method_and_code(stub: Any) -> None:
     def count(method: str, code: str) -> float:
         labels = {"method": method, "code": code}

@@ -59,12 +59,41 @@ def mounted(target: str, options: str = "rw,relatime", source: str = DEVICE) -> 
 
 def test_probe_says_blank_or_what_it_found() -> None:
     assert fs.probe(Tools(blkid=(2, "")), DEVICE) is None
-    assert fs.probe(Tools(blkid=(0, "xfs\n")), DEVICE) == "xfs"
-    tools = Tools(blkid=(0, "ext4\n"))
-    fs.probe(tools, DEVICE)
-    assert tools.commands() == [f"blkid -p -o value -s TYPE {DEVICE}"]
-    with pytest.raises(FilesystemError, match=f"cannot probe {DEVICE}: ambivalent"):
-        fs.probe(Tools(blkid=(8, "ambivalent result")), DEVICE)
+    assert fs.probe(Tools(blkid=(0, f"DEVNAME={DEVICE}\nUUID=1\nTYPE=xfs\n")), DEVICE) == "xfs"
+    tools = Tools(blkid=(0, "TYPE=ext4\nUSAGE=filesystem\n"))
+    assert fs.probe(tools, DEVICE) == "ext4"
+    assert tools.commands() == [f"blkid -p -o export {DEVICE}"]
+    with pytest.raises(FilesystemError, match=f"cannot probe {DEVICE}: .* failed \\(4\\): no"):
+        fs.probe(Tools(blkid=(4, "no such device")), DEVICE)
+
+
+# What blkid -p -o export printed in a lab VM for a volume a user partitioned (sfdisk, one
+# GPT partition): the table only, nothing under TYPE. Asking for TYPE alone (what the
+# node plugin did) gave exit 0 and no output, which read as "blank", and mkfs.ext4 ran.
+PARTITIONED = f"DEVNAME={DEVICE}\nPTUUID=7d0f3a4e-94f7-4f43-b2a5-7a7f0e7d7c11\nPTTYPE=gpt\n"
+
+
+@pytest.mark.parametrize(
+    ("rc", "out", "named"),
+    [
+        (0, PARTITIONED, "a gpt partition table"),
+        (0, "TYPE=LVM2_member\nUSAGE=raid\n", "a LVM2_member signature"),
+        (0, "PTTYPE=dos\nTYPE=ext4\n", "a ext4 signature and a dos partition table"),
+        (8, "ambivalent result (probably more filesystems on the device)", "conflicting"),
+        (0, "USAGE=other\n", "data blkid recognises but cannot name"),
+    ],
+)
+def test_probe_refuses_anything_that_is_not_blank_or_a_filesystem_of_ours(
+    rc: int, out: str, named: str
+) -> None:
+    """Neither mounted nor formatted: NotBlank (FAILED_PRECONDITION at NodeStage)."""
+    tools = Tools(blkid=(rc, out))
+    with pytest.raises(fs.NotBlank, match=f"{DEVICE} holds .*{named}") as refused:
+        fs.probe(tools, DEVICE)
+    assert "stage it as a block volume" in str(refused.value)
+    with pytest.raises(fs.NotBlank):
+        fs.make(tools, DEVICE, "ext4")
+    assert not [c for c in tools.commands() if c.startswith("mkfs")]
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
@@ -75,7 +104,7 @@ def test_make_on_a_blank_device(fstype: str) -> None:
 
 
 def test_make_refuses_a_device_that_holds_something() -> None:
-    tools = Tools(blkid=(0, "xfs\n"))
+    tools = Tools(blkid=(0, "TYPE=xfs\n"))
     with pytest.raises(
         FilesystemError, match=f"refusing to make ext4 on {DEVICE}: it already holds xfs"
     ):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flashmesh.dataplane import lvm
-from flashmesh.dataplane.inventory import inventory, parse_blkid, parse_lsblk
+from flashmesh.core.drives import select_drives
+from flashmesh.dataplane import lvm, signatures
+from flashmesh.dataplane.inventory import inventory, parse_lsblk
 from flashmesh.dataplane.process import Result
 
 DATA = Path(__file__).parent / "data"
@@ -28,6 +29,9 @@ class Recorder:
         out = self.answers.get(argv[0], "")
         if argv[0] == "blkid":
             out = self.answers.get(f"blkid {argv[-1]}", "")
+            if out.startswith("exit "):  # blkid failing: "exit <code>: <stderr>"
+                rc, err = out[5:].split(": ", 1)
+                return Result(tuple(argv), int(rc), "", err)
             return Result(tuple(argv), 0 if out else 2, out, "")
         return Result(tuple(argv), 0, out, "")
 
@@ -128,8 +132,8 @@ def test_the_inventory_sees_whole_disks_their_signatures_and_volume_groups() -> 
     disks = parse_lsblk(recorded("lsblk.json"))
     assert [d["path"] for d in disks] == ["/dev/nvme0n1", "/dev/nvme2n1", "/dev/nvme1n1"]
     assert disks[0]["model"] == "QEMU NVMe Ctrl" and disks[0]["serial"] == "fm52ec18f6n1"
-    assert parse_blkid("DEVNAME=/dev/x\nTYPE=ext4\n") == ("ext4", False)
-    assert parse_blkid("PTUUID=1\nPTTYPE=gpt\n") == (None, True)
+    assert signatures.parse("DEVNAME=/dev/x\nTYPE=ext4\n") == signatures.Signature(type="ext4")
+    assert signatures.parse("PTUUID=1\nPTTYPE=gpt\n").partition_table == "gpt"
 
     rec = Recorder(
         lsblk=recorded("lsblk.json"),
@@ -141,3 +145,26 @@ def test_the_inventory_sees_whole_disks_their_signatures_and_volume_groups() -> 
     assert found["/dev/nvme1n1"].volume_group == VG
     assert found["/dev/nvme2n1"].fstype is None and found["/dev/nvme2n1"].size == 64 << 20
     assert rec.changes() == []  # looking changes nothing
+
+
+def test_a_drive_blkid_cannot_vouch_for_is_refused_and_untouched() -> None:
+    """Only blkid's "nothing found" (exit 2) is blank: conflicting leftover signatures
+    (exit 8) or a probe that fails are refused, where exit 8 used to read as blank."""
+    rec = Recorder(
+        lsblk=recorded("lsblk.json"),
+        pvs=recorded("pvs.json"),
+        **{
+            "blkid /dev/nvme0n1": "exit 8: ambivalent result (probably more filesystems)",
+            "blkid /dev/nvme2n1": "exit 4: cannot open /dev/nvme2n1",
+        },
+    )
+    found = {d.path: d for d in inventory(rec)}
+    selection = select_drives(list(found.values()), ["/dev/nvme*"], 1, "other-vg")
+    refused = {r.path: r.reason for r in selection.refused}
+    assert refused["/dev/nvme0n1"] == (
+        "holds several conflicting signatures (blkid: ambivalent result): "
+        "wipe it (wipefs -a) or exclude it by path"
+    )
+    assert refused["/dev/nvme2n1"].startswith("could not be probed (cannot probe /dev/nvme2n1")
+    assert "/dev/nvme0n1" not in [d.path for d in selection.selected]
+    assert rec.changes() == []

@@ -24,6 +24,9 @@ class BlockDevice:
     partitioned: bool = False
     mounted: bool = False
     volume_group: str | None = None  # set when it is an LVM physical volume
+    # Set when the probe could not say what the device holds, or found signatures that
+    # contradict each other: why it is not known to be empty.
+    unknown: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,4 +87,6 @@ def _in_use(dev: BlockDevice) -> str | None:
         return "holds a partition table: wipe it (wipefs -a) or exclude it by path"
     if dev.fstype:
         return f"holds a {dev.fstype} signature: wipe it (wipefs -a) or exclude it by path"
+    if dev.unknown:
+        return f"{dev.unknown}: wipe it (wipefs -a) or exclude it by path"
     return None

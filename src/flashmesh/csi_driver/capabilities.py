@@ -15,6 +15,9 @@ SINGLE_NODE = frozenset({
     Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER,
 })  # fmt: skip
 READ_ONLY = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
+# publish_context key: ControllerPublish was asked for read-only (the CO's readonly flag),
+# which NodeStage enforces on the device itself.
+READONLY_CONTEXT = "readonly"
 
 
 def problem(cap: csi_pb2.VolumeCapability) -> str | None:

@@ -7,6 +7,7 @@ the object it made (names derive from the CSI name) and waits, bounded, for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -41,6 +42,11 @@ Source = tuple[dict[str, str], int, list[tuple[int, int, str]]]
 
 def _fail(code: grpc.StatusCode, message: str) -> CsiError:
     return CsiError(code, message)
+
+
+def _copied_volume(source: Any) -> str | None:
+    """The volume a CreateVolume clones, if it clones one (not a snapshot restore)."""
+    return str(source.volume.volume_id) if source.WhichOneof("type") == "volume" else None
 
 
 def publish_context(volume: Volume) -> dict[str, str]:
@@ -95,7 +101,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         vid = naming.volume_id(request.name)
         rng = request.capacity_range
         default = parse_bytes(pool.spec.default_volume_size)
-        with self.locks.hold(vid):
+        copied = _copied_volume(request.volume_content_source)
+        # A clone holds its source's lock too, until the agents report the copy made: no
+        # ControllerPublish of the source can land between the check below and the copy.
+        with self.locks.hold(vid), self._hold_source(copied):
             source = self._source(request.volume_content_source, chosen)
             size = volume_size(
                 rng.required_bytes, rng.limit_bytes, default, chosen.layout.stripe_width
@@ -110,11 +119,15 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     )
                 size = source[1]
             volume = self.cluster.volume(vid)
+            made = volume is None
             if volume is None:
+                self._refuse_torn_copy(copied, "clone")
                 volume = self._make(vid, request.name, chosen, size, source)
             else:
                 self._same(volume, request, chosen, source)
             self.cluster.wait(f"volume {vid}", lambda: segments_missing(self.cluster.volume(vid)))
+            if made:
+                self._recheck_copy(copied, "clone", "Volume", vid)
             out = self._csi_volume(volume, chosen, request)
             if pool.spec.security.dhchap:
                 out.volume_context["dhchap"] = "true"  # NodeStage then connects with its key
@@ -132,6 +145,31 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 f"accessibility_requirements: this controller serves fabric "
                 f"{self.fabric!r}, not {wanted[0].segments[TOPOLOGY_KEY]!r}",
             )
+
+    def _hold_source(self, source: str | None) -> contextlib.AbstractContextManager[None]:
+        return self.locks.hold(source) if source else contextlib.nullcontext()
+
+    def _refuse_torn_copy(self, source: str | None, what: str) -> None:
+        """Thin snapshots of several segments are not taken at one instant: a striped
+        volume is copied (snapshot or clone) only while no host can write it."""
+        volume = self.cluster.volume(source) if source else None
+        if volume is not None and len(volume.spec.segments) > 1 and volume.spec.hosts:
+            raise _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"volume {source} is striped over {len(volume.spec.segments)} segments and "
+                f"published to {', '.join(volume.spec.hosts)}: its segments' copies would "
+                f"not be taken at one instant; unpublish it, then {what} it",
+            )
+
+    def _recheck_copy(self, source: str | None, what: str, kind: str, name: str) -> None:
+        """After the agents made the copy: had the source been published meanwhile (the
+        lock keeps this controller's own calls out; this catches any other writer), the
+        copy may be torn, so it is removed again and the call refused."""
+        try:
+            self._refuse_torn_copy(source, what)
+        except CsiError:
+            self.cluster.kube.delete(API, kind, name)
+            raise
 
     def _source(self, source: Any, chosen: params.VolumeParams) -> Source | None:
         """The content source: its field in the Volume's spec, its size, and where each
@@ -351,7 +389,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             )
             served = self.cluster.volume(vid)
             assert served is not None
-            return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context(served))
+            context = publish_context(served)
+            if request.readonly:
+                # The spec: the SP MUST publish the volume read-only; the node enforces it.
+                context[capabilities.READONLY_CONTEXT] = "true"
+            return csi_pb2.ControllerPublishVolumeResponse(publish_context=context)
 
     def ControllerUnpublishVolume(
         self, request: Any, context: Any
@@ -545,8 +587,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         require(request, "name", "source_volume_id")
         source = request.source_volume_id
         sid = naming.snapshot_id(request.name)
-        with self.locks.hold(sid):
+        # The source's lock too, as for a clone: no publish between the check and the copy.
+        with self.locks.hold(sid), self.locks.hold(source):
             snap = self.cluster.snapshot(sid)
+            made = snap is None
             if snap is not None:
                 if snap.spec.source_volume != source or snap.spec.csi_name != request.name:
                     raise _fail(
@@ -565,17 +609,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                         ": snapshots of mirrored volumes are not supported yet; snapshot a "
                         'volume of a class with replicas: "1"',
                     )
-                if len(volume.spec.segments) > 1 and volume.spec.hosts:
-                    # Thin snapshots of several segments are not taken at one instant: a
-                    # striped volume is snapshotted only while no host can write it.
-                    raise _fail(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"volume {source} is striped over {len(volume.spec.segments)} "
-                        f"segments and published to {', '.join(volume.spec.hosts)}: "
-                        "unpublish it, then snapshot it",
-                    )
+                self._refuse_torn_copy(source, "snapshot")
                 snap = self._make_snapshot(sid, request.name, volume)
             self.cluster.wait(f"snapshot {sid}", lambda: self._snapshot_missing(sid))
+            if made:
+                self._recheck_copy(source, "snapshot", "Snapshot", sid)
             done = self.cluster.snapshot(sid)
             assert done is not None
             if not (done.status and done.status.ready_to_use):

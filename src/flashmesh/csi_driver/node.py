@@ -178,10 +178,24 @@ class Node(csi_pb2_grpc.NodeServicer):
                 device, dm = self._assemble(vid, devices)
                 staged = Staged([s["nqn"] for s in segments], device, dm, block, fstype)
             self._save(vid, staged)
+            read_only = cap.access_mode.mode in capabilities.READ_ONLY or (
+                request.publish_context.get(capabilities.READONLY_CONTEXT) == "true"
+            )
+            if read_only:
+                # A read-only bind mount of a device node does not stop writes to the
+                # device (and a container runtime makes its own node from major:minor):
+                # the block device itself is made read-only.
+                self._set_read_only(vid, device)
             if not block:
                 assert fstype is not None
-                self._mount_staged(vid, device, staging, fstype, cap)
+                self._mount_staged(vid, device, staging, fstype, read_only, cap)
         return csi_pb2.NodeStageVolumeResponse()
+
+    def _set_read_only(self, vid: str, device: str) -> None:
+        try:
+            process.check(self.runner, ["blockdev", "--setro", device])
+        except CommandError as exc:
+            raise _fail(grpc.StatusCode.INTERNAL, f"making {vid} read-only: {exc}") from None
 
     def _stage_mirrored(
         self, vid: str, segments: list[dict[str, Any]], chosen: params.VolumeParams,
@@ -371,8 +385,9 @@ class Node(csi_pb2_grpc.NodeServicer):
         except assembly.AssemblyError as exc:
             raise _fail(grpc.StatusCode.INTERNAL, f"assembling {vid}: {exc}") from None
 
-    def _mount_staged(self, vid: str, device: str, staging: str, fstype: str, cap: Any) -> None:
-        read_only = cap.access_mode.mode in capabilities.READ_ONLY
+    def _mount_staged(
+        self, vid: str, device: str, staging: str, fstype: str, read_only: bool, cap: Any
+    ) -> None:
         try:
             found = filesystem.probe(self.runner, device)
             if found is None:
@@ -398,6 +413,8 @@ class Node(csi_pb2_grpc.NodeServicer):
             if not read_only:
                 # A restore into a bigger volume: Kubernetes never calls NodeExpand for it.
                 filesystem.grow(self.runner, device, staging, found)
+        except filesystem.NotBlank as exc:
+            raise _fail(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid}: {exc}") from None
         except filesystem.FilesystemError as exc:
             raise _fail(grpc.StatusCode.INTERNAL, f"volume {vid}: {exc}") from None
 

@@ -7,8 +7,9 @@ A volume published read-only to many nodes is mounted with `readonly_options`: e
 writer left dirty; such a reader sees the filesystem as of its last checkpoint, which is
 why `needs_recovery` exists: publish read-only after the writer unmounted cleanly.
 
-Found in the lab: mkfs.ext4 without a terminal formats over an existing filesystem without
-asking, so `make` probes first and refuses; `blkid -p` exits 2 for a blank device.
+Found in the lab: mkfs.ext4 without a terminal formats over an existing filesystem (or a
+partition table) without asking, so `probe` and `make` refuse anything but a blank device
+or a filesystem of ours (see `signatures`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashmesh.dataplane import process
+from flashmesh.dataplane import process, signatures
 from flashmesh.dataplane.process import CommandError, Runner
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 FILESYSTEMS = ("ext4", "xfs")
 READ_ONLY = {"ext4": ("ro", "noload"), "xfs": ("ro", "norecovery")}
 _MKFS = {"ext4": ["mkfs.ext4", "-q"], "xfs": ["mkfs.xfs", "-q"]}
-_BLKID_NOTHING = 2
 
 
 class FilesystemError(RuntimeError):
@@ -116,14 +116,28 @@ def _same_device(mount: Mount, device: str) -> bool:
     return mount.source == device or mount.device == _device_number(device)
 
 
+class NotBlank(FilesystemError):
+    """The device holds something that is not a filesystem this driver mounts: formatting
+    it would destroy it, so it is refused (a precondition the user must settle)."""
+
+
 def probe(runner: Runner, device: str) -> str | None:
-    """The filesystem (or other signature) on device, or None when it is blank."""
-    result = runner(["blkid", "-p", "-o", "value", "-s", "TYPE", device])
-    if result.rc == _BLKID_NOTHING:
+    """The filesystem on device, or None when it holds nothing at all. A partition table,
+    an unsupported or unnamed signature, or conflicting signatures raise NotBlank: the
+    device is neither blank nor mountable."""
+    try:
+        found = signatures.probe(runner, device)
+    except signatures.ProbeError as exc:
+        raise FilesystemError(str(exc)) from None
+    if found is None:
         return None
-    if result.rc != 0:
-        raise FilesystemError(f"cannot probe {device}: {result.stderr.strip() or result.rc}")
-    return result.stdout.strip() or None
+    if found.filesystem in FILESYSTEMS:
+        return found.filesystem
+    raise NotBlank(
+        f"{device} holds {found.describe()}, not an {' or '.join(FILESYSTEMS)} filesystem: "
+        "it is neither formatted nor mounted (was it written as a raw block volume? stage "
+        "it as a block volume, or wipe it by hand if its data is not wanted)"
+    )
 
 
 def make(runner: Runner, device: str, fstype: str) -> None:
@@ -131,7 +145,7 @@ def make(runner: Runner, device: str, fstype: str) -> None:
     _supported(fstype)
     found = probe(runner, device)
     if found is not None:
-        raise FilesystemError(
+        raise NotBlank(
             f"refusing to make {fstype} on {device}: it already holds {found} "
             "(wipe it by hand if its data is not wanted)"
         )

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from flashmesh.core.drives import BlockDevice
-from flashmesh.dataplane import process
+from flashmesh.dataplane import process, signatures
 from flashmesh.dataplane.lvm import Lvm
 from flashmesh.dataplane.process import Runner
 
@@ -34,27 +34,28 @@ def parse_lsblk(text: str) -> list[dict[str, Any]]:
     return disks
 
 
-def parse_blkid(text: str) -> tuple[str | None, bool]:
-    """(signature type, has a partition table) from `blkid -p -o export`."""
-    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    return fields.get("TYPE"), "PTTYPE" in fields
-
-
 def inventory(runner: Runner = process.run) -> list[BlockDevice]:
     pv_groups = {pv.path: pv.volume_group for pv in Lvm(runner).physical_volumes()}
     devices = []
     for disk in parse_lsblk(process.check(runner, LSBLK).stdout):
-        probe = runner(("blkid", "--probe", "--output", "export", disk["path"]))
-        # blkid exits 2 when the device holds nothing it knows.
-        fstype, table = parse_blkid(probe.stdout) if probe.rc == 0 else (None, False)
+        # Only blkid's "nothing found" is blank: conflicting signatures, or a probe that
+        # fails, leave the drive refused (untouched), never pooled.
+        problem = None
+        try:
+            found = signatures.probe(runner, disk["path"])
+        except signatures.ProbeError as exc:
+            found, problem = None, f"could not be probed ({exc})"
+        if found is not None and (found.ambivalent or not (found.type or found.partition_table)):
+            problem = f"holds {found.describe()}"
         devices.append(
             BlockDevice(
                 path=disk["path"],
                 size=disk["size"],
                 model=disk["model"],
                 serial=disk["serial"],
-                fstype=fstype,
-                partitioned=disk["partitioned"] or table,
+                fstype=found.type if found else None,
+                partitioned=disk["partitioned"] or bool(found and found.partition_table),
+                unknown=problem,
                 mounted=disk["mounted"],
                 volume_group=pv_groups.get(disk["path"]) or None,
             )
