@@ -84,9 +84,10 @@ DEFAULT_KINDS = {
     "Deployment": 2,  # operator, CSI controller
     "DaemonSet": 2,  # node plugin, agent
     "CSIDriver": 1,
-    # Deleting a StoragePool that holds volumes is refused.
-    "ValidatingAdmissionPolicy": 1,
-    "ValidatingAdmissionPolicyBinding": 1,
+    # Deleting a StoragePool that holds volumes is refused; so is deleting a Volume that a
+    # host has published, or that a PersistentVolume names.
+    "ValidatingAdmissionPolicy": 3,
+    "ValidatingAdmissionPolicyBinding": 3,
 }
 
 
@@ -125,16 +126,17 @@ def test_lint_and_render(helm: Helm, rendered: list[dict[str, Any]]) -> None:
         main = spec["containers"][0]
         assert "metrics" in [p["name"] for p in main["ports"]]
 
-    # Only the CSIDriver and the pool admission policy are cluster-wide and shared (like
-    # the CRDs); every other object is the release's: in its namespace, or named after it.
+    # Only the CSIDriver and the admission policies are cluster-wide and shared (like the
+    # CRDs); every other object is the release's: in its namespace, or named after it.
     elsewhere = helm.template("fm", "storage")
-    shared = {"CSIDriver": "csi.flashmesh.dev",
-              "ValidatingAdmissionPolicy": "flashmesh-storagepool-in-use",
-              "ValidatingAdmissionPolicyBinding": "flashmesh-storagepool-in-use"}  # fmt: skip
+    policies = {"flashmesh-storagepool-in-use", "flashmesh-volume-published",
+                "flashmesh-volume-bound"}  # fmt: skip
+    shared = {"CSIDriver": {"csi.flashmesh.dev"}, "ValidatingAdmissionPolicy": policies,
+              "ValidatingAdmissionPolicyBinding": policies}  # fmt: skip
     for obj in elsewhere:
         meta = obj["metadata"]
         if obj["kind"] in shared:
-            assert meta["name"] == shared[obj["kind"]]
+            assert meta["name"] in shared[obj["kind"]]
             continue
         assert meta["name"].startswith("fm-flashmesh-"), meta["name"]
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):

@@ -19,7 +19,7 @@ from flashmesh.core import naming, resources
 from flashmesh.kube import Kube, KubeError
 from flashmesh.lab.binaries import locate_csi
 from flashmesh.lab.cluster import LocalCluster
-from flashmesh.lab.crds import install_admission_policy
+from flashmesh.lab.crds import install_admission_policies
 from flashmesh.lab.processes import wait_until
 from flashmesh.operator.handlers import OperatorConfig, build_registry
 
@@ -69,7 +69,7 @@ def events(kube: Kube, reason: str) -> list[str]:
 @pytest.fixture(scope="module")
 def operator(crds: LocalCluster) -> Iterator[Kube]:
     kube = crds.kube
-    policy = install_admission_policy(crds)
+    policy = install_admission_policies(crds)
     for crd in locate_csi().crd_files():  # VolumeSnapshotClass, as the chart's users have it
         crds.kubectl("apply", "--server-side", "-f", str(crd))
     if kube.get("v1", "Namespace", NS) is None:

@@ -34,6 +34,7 @@ RPC = csi_pb2.ControllerServiceCapability.RPC
 TOPOLOGY_KEY = resources.TOPOLOGY_KEY
 MANAGER = "flashmesh-csi-controller"
 PUBLISHED = f"{resources.GROUP}/published"
+DELETE_CONFIRMED = f"{resources.GROUP}/delete-confirmed"
 Mode = csi_pb2.VolumeCapability.AccessMode
 # A content source: its field in the Volume's spec, its size in bytes, and the node of each
 # of its segments as (index, replica, node).
@@ -320,6 +321,13 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"volume {vid} is still published to {', '.join(volume.spec.hosts)}: "
                     "unpublish it first",
+                )
+            if DELETE_CONFIRMED not in (volume.metadata.annotations or {}):
+                # The chart's admission policy refuses to delete a Volume that a
+                # PersistentVolume names (Kubernetes calls this while its PV still exists)
+                # unless it carries this mark: a deletion asked through CSI.
+                self.cluster.kube.patch(
+                    API, "Volume", vid, {"metadata": {"annotations": {DELETE_CONFIRMED: "csi"}}}
                 )
             self.cluster.kube.delete(API, "Volume", vid)
             self.cluster.wait(

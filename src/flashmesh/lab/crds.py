@@ -11,8 +11,9 @@ from flashmesh.lab.helm import Helm
 
 CRDS = REPO / "crds"
 EXAMPLES = CRDS / "examples"
-# The admission policy the chart installs with the CRDs.
-POLICY = "templates/storagepool-in-use-policy.yaml"
+# The admission policies the chart installs with the CRDs: no pool deleted while it holds
+# volumes, no Volume deleted while published or named by a PersistentVolume.
+POLICIES = ("templates/storagepool-in-use-policy.yaml", "templates/volume-in-use-policy.yaml")
 
 
 def crd_files() -> list[Path]:
@@ -30,16 +31,17 @@ def install_crds(cluster: LocalCluster) -> None:
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *args)
 
 
-def admission_policy(workdir: Path) -> list[dict[str, Any]]:
-    """The chart's policy refusing to delete a pool in use, as helm renders it."""
+def admission_policies(workdir: Path) -> list[dict[str, Any]]:
+    """The chart's admission policies and their bindings, as helm renders them."""
     helm = Helm(workdir / "helm-home")
-    return helm.template("flashmesh", "flashmesh-system", "--show-only", POLICY)
+    shown = [arg for path in POLICIES for arg in ("--show-only", path)]
+    return helm.template("flashmesh", "flashmesh-system", *shown)
 
 
-def install_admission_policy(cluster: LocalCluster) -> list[dict[str, Any]]:
-    """The policy without the rest of the chart (helm would not adopt it later: remove it
-    before installing the chart into the same cluster); the objects made."""
-    objects = admission_policy(cluster.workdir)
+def install_admission_policies(cluster: LocalCluster) -> list[dict[str, Any]]:
+    """The policies without the rest of the chart (helm would not adopt them later: remove
+    them before installing the chart into the same cluster); the objects made."""
+    objects = admission_policies(cluster.workdir)
     for obj in objects:
         cluster.kube.create(obj)
     return objects

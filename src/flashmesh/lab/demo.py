@@ -21,7 +21,7 @@ from flashmesh import status as status_view
 from flashmesh.core import resources
 from flashmesh.lab import demo_workload, processes
 from flashmesh.lab.cluster import LocalCluster
-from flashmesh.lab.crds import install_admission_policy, install_crds
+from flashmesh.lab.crds import install_admission_policies, install_crds
 from flashmesh.lab.kubelet import NODE_PORT, StandInKubelet
 from flashmesh.lab.netns import LabNetwork, bridge_address
 from flashmesh.lab.progress import say
@@ -61,7 +61,7 @@ def stack(
         cluster.start()
         down.callback(cluster.stop)
         install_crds(cluster)
-        install_admission_policy(cluster)
+        install_admission_policies(cluster)
         specs = [*storage, *gpus]
         say(f"booting {len(specs)} VMs on Debian's kernel (software emulation: a few minutes)")
         lab = Lab(workdir / "vms", network=network)
