@@ -25,6 +25,8 @@ from agents import (
     restart_storage,
     segments,
     set_hosts,
+    start_agent,
+    stop_agent,
 )
 from helpers import (
     GPU0,
@@ -127,6 +129,49 @@ def test_agents_register_their_nodes_with_the_real_drives(
         "2 agents registered their real drives and VGs; rdma advertised only with rxe; "
         "a drive holding ext4 and one with conflicting signatures refused with a condition "
         "and an Event, untouched"
+    )
+
+
+def test_a_volume_connected_on_a_storage_node_is_never_pooled(
+    lab: Lab, agents: LocalCluster, scenario: Scenario
+) -> None:
+    """One machine both storage and GPU node: a FlashMesh volume connected there is, to
+    lsblk and blkid, a blank NVMe drive as big as one; the agent's drive selection took
+    it (the pool's pattern and minimum size match) and extended its volume group over
+    someone's volume."""
+    kube = agents.kube
+    host, name = STORAGE0.name, node_name(STORAGE0.name)
+    vid = create_volume(kube, "pvc-agent-looped", [STORAGE1.name], "1024Mi", [host_nqn(host)])
+    nqn = naming.subsystem_nqn(vid, 0, 0)
+    try:
+        assert processes.wait_until(lambda: all_ready(kube, vid), 120), agent_log(lab, "storage-1")
+        device = sh(
+            lab,
+            host,
+            f"modprobe nvme-tcp\nnvme connect -t tcp -a {STORAGE1.address(0)} -s 4420 -n {nqn}"
+            f" >/dev/null\nnvme_device {nqn}",
+        ).strip()
+        # The agent probes its drives when it starts (and on its slow resync).
+        stop_agent(lab, STORAGE0)
+        start_agent(lab, STORAGE0)
+        why = f"{device} is an NVMe-oF namespace (tcp, subsystem {nqn})"
+
+        def drives() -> dict[str, Any]:
+            found = node_status(agents, name).get("conditions") or []
+            return next((c for c in found if c["type"] == "DrivesReady"), {})
+
+        refused = processes.wait_until(lambda: why in drives().get("message", ""), 300)
+        assert refused, (drives(), agent_log(lab, host))
+        assert drives()["reason"] == "DriveInUse"
+        assert "only local drives are pooled" in drives()["message"]
+        members = sh(lab, host, f"pvs --noheadings -o pv_name -S vg_name=flashmesh-{POOL}").split()
+        assert device not in members and len(members) == 1, members
+    finally:
+        lab.exec(host, f"nvme disconnect -n {nqn} >/dev/null", check=False)
+        delete_and_wait(kube, "Volume", vid)
+    scenario.done(
+        f"a 1 GiB FlashMesh volume connected on {host} (a storage node that is also a GPU "
+        "node): refused as an NVMe-oF namespace, its volume group untouched"
     )
 
 

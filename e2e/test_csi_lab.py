@@ -253,31 +253,25 @@ def test_with_authentication_the_nodes_key_attaches_and_a_wrong_key_is_refused(
     )
 
 
-def test_a_partitioned_block_volume_staged_as_a_filesystem_is_refused_and_kept(
+def test_a_raw_block_volume_staged_as_a_filesystem_is_refused_and_kept(
     lab: Lab, driver: Driver, scenario: Scenario
 ) -> None:
-    """A raw block volume its user partitioned (a VM image, a database's device), staged
-    later as a filesystem (a static PV over the same handle, a mode-changing restore):
-    blkid finds no filesystem under TYPE, only a partition table, and mkfs.ext4 without
-    a terminal formats over it without asking. It must be refused, its bytes intact."""
+    """A raw block volume its user wrote (a VM image, a database's device), staged later
+    as a filesystem (a static PV over the same handle, a mode-changing restore). mkfs.ext4
+    without a terminal formats whatever it is given without asking: a partition table
+    (blkid finds no filesystem under TYPE) or data blkid does not recognise at all. Both
+    must be refused, the bytes intact; and a read-only publish must not take writes."""
     gpu, writer = GPU0.name, Mode.SINGLE_NODE_WRITER
-    volume = create(driver, "pvc-csi-partitioned", stripes=1, caps=[block_cap(writer)])
+    volume = create(driver, "pvc-csi-raw", stripes=1, caps=[block_cap(writer)])
     vid = volume.volume_id
-    try:
-        raw = Attached(driver, volume, gpu, writer, block=True)
-        written = sh(
-            lab,
-            gpu,
-            f"printf 'label: gpt\\n,\\n' | sfdisk -q {raw.target} >/dev/null && "
-            f"dd if=/dev/urandom of={raw.target} bs=1M seek=1 count=8 oflag=direct status=none"
-            f" && sync && head -c 16M {raw.target} | sha256sum | cut -d' ' -f1",
-        ).strip()
-        raw.detach()
+    node = driver.nodes[gpu]
+    checksum = "head -c 16M {target} | sha256sum | cut -d' ' -f1"
+
+    def refused_as_ext4() -> str:
+        """Stages it as ext4, expecting a refusal; leaves it unstaged and unpublished."""
         with pytest.raises(grpc.RpcError) as refused:
-            Attached(driver, volume, gpu, writer)  # as ext4
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, logs(lab)
-        assert "holds a gpt partition table" in refused.value.details()
-        driver.nodes[gpu].NodeUnstageVolume(
+            Attached(driver, volume, gpu, writer)
+        node.NodeUnstageVolume(
             csi_pb2.NodeUnstageVolumeRequest(
                 volume_id=vid, staging_target_path=f"/run/csi-test/{vid}/staging"
             ),
@@ -287,20 +281,39 @@ def test_a_partitioned_block_volume_staged_as_a_filesystem_is_refused_and_kept(
             csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(gpu)),
             timeout=600,
         )
-        # Published read-only (a PV or pod volume with readOnly): its bytes read back,
-        # and a write to the device fails, where a read-only bind mount of a device node
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, logs(lab)
+        return str(refused.value.details())
+
+    try:
+        raw = Attached(driver, volume, gpu, writer, block=True)
+        sh(
+            lab,
+            gpu,
+            f"printf 'label: gpt\\n,\\n' | sfdisk -q {raw.target} >/dev/null && "
+            f"dd if=/dev/urandom of={raw.target} bs=1M seek=1 count=8 oflag=direct status=none",
+        )
+        partitioned = sh(lab, gpu, checksum.format(target=raw.target)).strip()
+        raw.detach()
+        assert "holds a gpt partition table" in refused_as_ext4()
+        again = Attached(driver, volume, gpu, writer, block=True)
+        assert sh(lab, gpu, checksum.format(target=again.target)).strip() == partitioned
+        # Without its table, nothing on it is anything blkid knows.
+        sh(lab, gpu, f"wipefs -a -q {again.target} && sync")
+        assert lab.exec(gpu, f"blkid -p {again.target}", check=False).rc == 2
+        unknown = sh(lab, gpu, checksum.format(target=again.target)).strip()
+        again.detach()
+        assert "was published as a raw block device before" in refused_as_ext4()
+        # Published read-only (a PV or pod volume with readOnly): its bytes read back, and
+        # a write to the device fails, where a read-only bind mount of a device node
         # alone let it through.
-        again = Attached(driver, volume, gpu, writer, block=True, readonly=True)
-        read = sh(lab, gpu, f"head -c 16M {again.target} | sha256sum | cut -d' ' -f1").strip()
-        assert read == written, "the partitioned volume's bytes changed"
-        table = sh(lab, gpu, f"blkid -p -o export {again.target}")
-        assert "PTTYPE=gpt" in table and "TYPE=ext4" not in table, table
+        ro = Attached(driver, volume, gpu, writer, block=True, readonly=True)
+        assert sh(lab, gpu, checksum.format(target=ro.target)).strip() == unknown
         write = lab.exec(
-            gpu, f"dd if=/dev/zero of={again.target} bs=4k count=1 oflag=direct", check=False
+            gpu, f"dd if=/dev/zero of={ro.target} bs=4k count=1 oflag=direct", check=False
         )
         refusals = ("Operation not permitted", "Permission denied", "Read-only file system")
         assert write.rc != 0 and any(r in write.output for r in refusals), write.output
-        again.detach()
+        ro.detach()
     except grpc.RpcError as err:
         raise AssertionError(f"{err.code()}: {err.details()}\n{logs(lab)}") from None
     finally:
@@ -310,7 +323,8 @@ def test_a_partitioned_block_volume_staged_as_a_filesystem_is_refused_and_kept(
         )
         driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=600)
     scenario.done(
-        "a block volume partitioned (gpt) and written, then staged as ext4: refused "
-        "(FAILED_PRECONDITION, the table named), table and sha256 of its first 16 MiB intact; "
+        "a block volume partitioned (gpt) and written, staged as ext4: refused (the table "
+        "named); its table wiped, leaving data blkid knows nothing of, staged as ext4: "
+        "refused (written as a raw device); sha256 of its first 16 MiB intact each time; "
         "published read-only, a write to the device failed"
     )

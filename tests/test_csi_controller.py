@@ -437,6 +437,88 @@ def test_a_published_striped_volume_is_neither_cloned_nor_snapshotted(
     pool.delete("storage.k8s.io/v1", "CSINode", "torn")
 
 
+def test_a_mirror_is_never_published_or_confirmed_for_many_nodes(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
+    """CreateVolume refuses multi-node modes for a mirror; ControllerPublish and
+    ValidateVolumeCapabilities, which a static PV reaches without it, refuse them too."""
+    code_of(stub[0].CreateVolume, create("pvc-mirror-modes", size=8 * MIB, stripeWidth="1",
+                                         replicas="2"))  # fmt: skip
+    vid = naming.volume_id("pvc-mirror-modes")
+    assert pool.get(API, "Volume", vid) is not None
+    host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ed"
+    many = mount(Mode.MULTI_NODE_READER_ONLY)
+    publish = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=vid, node_id=host, volume_capability=many
+    )
+    got, message = code_of(stub[0].ControllerPublishVolume, publish)
+    assert got == Code.INVALID_ARGUMENT, message
+    assert "volume_capability: a mirrored volume (replicas: 2)" in message
+    assert "MULTI_NODE_READER_ONLY cannot be served" in message
+    assert host not in ((pool.get(API, "Volume", vid) or {})["spec"].get("hosts") or [])
+    validate = csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_id=vid, volume_capabilities=[mount(), many]
+    )
+    answer = stub[0].ValidateVolumeCapabilities(validate, timeout=30)
+    assert not answer.HasField("confirmed") and "attached to one node" in answer.message
+    validate = csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_id=vid, volume_capabilities=[mount()]
+    )
+    assert stub[0].ValidateVolumeCapabilities(validate, timeout=30).HasField("confirmed")
+
+
+def test_a_volume_published_as_a_block_device_is_marked_and_so_are_its_copies(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
+    """What a block device was given may be data blkid does not know: once a volume is
+    published as one, it and its snapshots and copies carry a mark that tells NodeStage
+    never to format them. A filesystem volume's copies carry none."""
+    mark = "flashmesh.dev/raw-block-data"
+
+    def annotations(kind: str, name: str) -> dict[str, str]:
+        found = pool.get(API, kind, name) or {}
+        return dict(found.get("metadata", {}).get("annotations") or {})
+
+    code_of(stub[0].CreateVolume, create("pvc-raw", size=8 * MIB, caps=[block()], stripeWidth="1"))
+    code_of(stub[0].CreateVolume, create("pvc-fs", size=8 * MIB, stripeWidth="1"))
+    raw, fs = naming.volume_id("pvc-raw"), naming.volume_id("pvc-fs")
+    assert (pool.get(API, "Volume", raw) or {})["spec"]["accessType"] == "Block"
+    assert (pool.get(API, "Volume", fs) or {})["spec"]["accessType"] == "Filesystem"
+    assert mark not in annotations("Volume", raw)  # created, never written: no mark yet
+    host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ec"
+    cached(controller.cluster.cache.csinodes, csinode(pool, "raw", host))
+    publish = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=raw, node_id=host, volume_capability=block()
+    )
+    assert code_of(stub[0].ControllerPublishVolume, publish)[0] == Code.DEADLINE_EXCEEDED
+    assert annotations("Volume", raw)[mark] == "true"
+    unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=raw, node_id=host)
+    assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.OK
+    assert annotations("Volume", raw)[mark] == "true"  # for good
+
+    for source, name in ((raw, "raw"), (fs, "fs")):
+        volume = pool.get(API, "Volume", source)
+        cached(controller.cluster.cache.volumes, volume)
+        snapshot = csi_pb2.CreateSnapshotRequest(name=f"{name}-snap", source_volume_id=source)
+        assert code_of(stub[0].CreateSnapshot, snapshot)[0] == Code.DEADLINE_EXCEEDED
+        sid = naming.snapshot_id(f"{name}-snap")
+        cached(controller.cluster.cache.snapshots, pool.get(API, "Snapshot", sid))
+        restore = create(f"pvc-{name}-restored", size=8 * MIB, stripeWidth="1")
+        restore.volume_content_source.snapshot.snapshot_id = sid
+        clone = create(f"pvc-{name}-clone", size=8 * MIB, stripeWidth="1")
+        clone.volume_content_source.volume.volume_id = source
+        for request in (restore, clone):
+            assert code_of(stub[0].CreateVolume, request)[0] == Code.DEADLINE_EXCEEDED
+        copies = [("Snapshot", sid)] + [
+            ("Volume", naming.volume_id(f"pvc-{name}-{how}")) for how in ("restored", "clone")
+        ]
+        for kind, copy in copies:
+            assert (annotations(kind, copy).get(mark) == "true") == (source == raw), (kind, copy)
+    pool.delete("storage.k8s.io/v1", "CSINode", "raw")
+    for name in ("raw", "fs"):
+        pool.delete(API, "Snapshot", naming.snapshot_id(f"{name}-snap"))
+
+
 def test_every_call_is_timed_by_method_and_code(stub: Any) -> None:
     def count(method: str, code: str) -> float:
         labels = {"method": method, "code": code}

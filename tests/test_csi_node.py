@@ -206,3 +206,20 @@ def test_a_mirror_with_no_in_sync_replica_reachable_is_unavailable(tmp_path: Pat
     assert "replica 1 on storage-1 is unreachable" in caught.value.message
     assert not any(a[0] == "mdadm" for a in ran)  # no array was assembled
     assert not (tmp_path / "state" / "fm-000000000001.json").exists()
+
+
+def test_a_mirror_is_never_staged_for_many_nodes(tmp_path: Path) -> None:
+    """A mirror assembled on two nodes would have each write its legs behind the other's
+    back; CreateVolume refuses such modes, and so does every later call that names one
+    (a static PV, a CO that never asked CreateVolume): here before any command runs."""
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=no_commands,
+                replica_status=RecordsFake())  # fmt: skip
+    request = mirrored_stage(tmp_path, RecordsFake())
+    request.volume_capability.access_mode.mode = Mode.MULTI_NODE_READER_ONLY
+    with pytest.raises(CsiError) as caught:
+        node.NodeStageVolume(request, None)
+    assert caught.value.code == Code.INVALID_ARGUMENT
+    assert (
+        "a mirrored volume (replicas: 2) is attached to one node at a time, so "
+        "MULTI_NODE_READER_ONLY cannot be served" in caught.value.message
+    )

@@ -115,7 +115,7 @@ def test_a_new_volume_group_gets_its_drives_and_a_zeroing_thin_pool() -> None:
     with pytest.raises(lvm.LvmError):
         tool.ensure_thin_pool("flashmesh-slow")
     assert rec.changes() == [
-        "vgcreate --yes flashmesh-slow /dev/nvme0n1 /dev/nvme2n1",
+        "vgcreate flashmesh-slow /dev/nvme0n1 /dev/nvme2n1",
         "lvcreate --yes --type thin-pool --zero y --extents 95%FREE --name thin flashmesh-slow",
     ]
 
@@ -128,7 +128,9 @@ def test_removal_is_idempotent_and_allocation_counts_promises() -> None:
     assert tool.allocated(VG) == 2 * (64 << 20)
 
 
-def test_the_inventory_sees_whole_disks_their_signatures_and_volume_groups() -> None:
+def test_the_inventory_sees_whole_disks_their_signatures_and_volume_groups(
+    tmp_path: Path,
+) -> None:
     disks = parse_lsblk(recorded("lsblk.json"))
     assert [d["path"] for d in disks] == ["/dev/nvme0n1", "/dev/nvme2n1", "/dev/nvme1n1"]
     assert disks[0]["model"] == "QEMU NVMe Ctrl" and disks[0]["serial"] == "fm52ec18f6n1"
@@ -140,14 +142,14 @@ def test_the_inventory_sees_whole_disks_their_signatures_and_volume_groups() -> 
         pvs=recorded("pvs.json"),
         **{"blkid /dev/nvme0n1": "TYPE=ext4\n", "blkid /dev/nvme1n1": "TYPE=LVM2_member\n"},
     )
-    found = {d.path: d for d in inventory(rec)}
+    found = {d.path: d for d in inventory(rec, tmp_path)}
     assert found["/dev/nvme0n1"].fstype == "ext4"
     assert found["/dev/nvme1n1"].volume_group == VG
     assert found["/dev/nvme2n1"].fstype is None and found["/dev/nvme2n1"].size == 64 << 20
     assert rec.changes() == []  # looking changes nothing
 
 
-def test_a_drive_blkid_cannot_vouch_for_is_refused_and_untouched() -> None:
+def test_a_drive_blkid_cannot_vouch_for_is_refused_and_untouched(tmp_path: Path) -> None:
     """Only blkid's "nothing found" (exit 2) is blank: conflicting leftover signatures
     (exit 8) or a probe that fails are refused, where exit 8 used to read as blank."""
     rec = Recorder(
@@ -158,7 +160,7 @@ def test_a_drive_blkid_cannot_vouch_for_is_refused_and_untouched() -> None:
             "blkid /dev/nvme2n1": "exit 4: cannot open /dev/nvme2n1",
         },
     )
-    found = {d.path: d for d in inventory(rec)}
+    found = {d.path: d for d in inventory(rec, tmp_path)}
     selection = select_drives(list(found.values()), ["/dev/nvme*"], 1, "other-vg")
     refused = {r.path: r.reason for r in selection.refused}
     assert refused["/dev/nvme0n1"] == (
@@ -167,4 +169,45 @@ def test_a_drive_blkid_cannot_vouch_for_is_refused_and_untouched() -> None:
     )
     assert refused["/dev/nvme2n1"].startswith("could not be probed (cannot probe /dev/nvme2n1")
     assert "/dev/nvme0n1" not in [d.path for d in selection.selected]
+    assert rec.changes() == []
+
+
+def nvme_subsystem(root: Path, number: int, nqn: str, transport: str) -> None:
+    """A subsystem as Debian's 6.12 kernel lays it out in sysfs: its NQN, one controller
+    (a link to /sys/class/nvme/nvmeN in the kernel; a folder here) and a multipath head."""
+    subsystem = root / "class" / "nvme-subsystem" / f"nvme-subsys{number}"
+    controller = subsystem / f"nvme{number}"
+    head = subsystem / f"nvme{number}n1"
+    for folder in (controller, head):
+        folder.mkdir(parents=True)
+    (subsystem / "subsysnqn").write_text(nqn + "\n")
+    for name, value in {"state": "live", "transport": transport, "address": "x"}.items():
+        (controller / name).write_text(value + "\n")
+    (head / "nsid").write_text("1\n")
+
+
+def test_a_namespace_reached_over_a_fabric_or_of_flashmesh_is_never_pooled(
+    tmp_path: Path,
+) -> None:
+    """A storage node that is also a GPU node has FlashMesh volumes connected: their
+    namespaces look like blank NVMe drives to lsblk and blkid, and were pooled (vgextend)."""
+    nvme_subsystem(tmp_path, 0, "nqn.2019-08.org.qemu:fm52ec18f6", "pcie")  # a local drive
+    nvme_subsystem(tmp_path, 1, "nqn.2026-11.dev.flashmesh:fm-0123456789ab.s0r0", "tcp")
+    # (whatever its transport says: FlashMesh exports volumes, never drives)
+    nvme_subsystem(tmp_path, 2, "nqn.2026-11.dev.flashmesh:fm-0123456789ab.s1r0", "pcie")
+    nvme_subsystem(tmp_path, 3, "nqn.2014-08.org.example:array", "rdma")
+    rec = Recorder(lsblk=recorded("lsblk.json"), pvs=recorded("pvs.json"))
+    found = {d.path: d for d in inventory(rec, tmp_path)}
+    assert found["/dev/nvme0n1"].remote is None
+    assert found["/dev/nvme1n1"].remote == (
+        "is an NVMe-oF namespace (tcp, subsystem nqn.2026-11.dev.flashmesh:fm-0123456789ab.s0r0)"
+    )
+    assert found["/dev/nvme2n1"].remote == (
+        "is a namespace of FlashMesh subsystem nqn.2026-11.dev.flashmesh:fm-0123456789ab.s1r0"
+    )
+    selection = select_drives(list(found.values()), ["/dev/nvme*"], 1, "other-vg")
+    refused = {r.path: r.reason for r in selection.refused}
+    assert [d.path for d in selection.selected] == ["/dev/nvme0n1"]
+    assert refused["/dev/nvme1n1"].endswith(": only local drives are pooled; exclude it by path")
+    assert set(refused) == {"/dev/nvme1n1", "/dev/nvme2n1"}
     assert rec.changes() == []

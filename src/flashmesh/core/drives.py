@@ -27,6 +27,8 @@ class BlockDevice:
     # Set when the probe could not say what the device holds, or found signatures that
     # contradict each other: why it is not known to be empty.
     unknown: str | None = None
+    # Set when it is not a local drive (an NVMe-oF namespace, a FlashMesh volume): why.
+    remote: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def select_drives(
 
 
 def _in_use(dev: BlockDevice) -> str | None:
+    if dev.remote:
+        return f"{dev.remote}: only local drives are pooled; exclude it by path"
     if dev.volume_group:
         return f"belongs to volume group {dev.volume_group}: exclude it by path"
     if dev.mounted:

@@ -246,6 +246,7 @@ class VolumeSpec:
     segments: list[Segment] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
     source: VolumeSource | None = None
+    access_type: str | None = None  # Block or Filesystem, as CreateVolume was asked
 
 
 @dataclass

@@ -18,6 +18,9 @@ READ_ONLY = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY
 # publish_context key: ControllerPublish was asked for read-only (the CO's readonly flag),
 # which NodeStage enforces on the device itself.
 READONLY_CONTEXT = "readonly"
+# publish_context key: the volume was published as a block device before (or copied from
+# one that was), so NodeStage may mount a filesystem found on it but never make one.
+NO_FORMAT_CONTEXT = "noFormat"
 
 
 def problem(cap: csi_pb2.VolumeCapability) -> str | None:
@@ -37,6 +40,20 @@ def problem(cap: csi_pb2.VolumeCapability) -> str | None:
         )
     if kind == "mount" and cap.mount.fs_type and cap.mount.fs_type not in FILESYSTEMS:
         return f"fs_type {cap.mount.fs_type!r} is not supported: use ext4 or xfs"
+    return None
+
+
+def mirror_problem(cap: csi_pb2.VolumeCapability, replicas: int) -> str | None:
+    """Why a capability cannot be served by a volume with this many replicas: md RAID1
+    runs on the one node that assembles it, so a mirror is attached to one node at a time
+    (a second node assembling it would write its legs behind the first one's back)."""
+    mode = cap.access_mode.mode
+    if replicas > 1 and mode not in SINGLE_NODE:
+        return (
+            f"a mirrored volume (replicas: {replicas}) is attached to one node at a time, so "
+            f"{Mode.Mode.Name(mode)} cannot be served: use a single-node access mode, or "
+            'replicas: "1"'
+        )
     return None
 
 

@@ -35,14 +35,44 @@ TOPOLOGY_KEY = resources.TOPOLOGY_KEY
 MANAGER = "flashmesh-csi-controller"
 PUBLISHED = f"{resources.GROUP}/published"
 DELETE_CONFIRMED = f"{resources.GROUP}/delete-confirmed"
+# Set (never removed) once a volume is published as a block device, and carried to its
+# snapshots and copies: what was written to it as a raw device may be data that blkid does
+# not recognise, so NodeStage must never format it (see capabilities.NO_FORMAT_CONTEXT).
+RAW_BLOCK_DATA = f"{resources.GROUP}/raw-block-data"
 Mode = csi_pb2.VolumeCapability.AccessMode
 # A content source: its field in the Volume's spec, its size in bytes, and the node of each
 # of its segments as (index, replica, node).
-Source = tuple[dict[str, str], int, list[tuple[int, int, str]]]
+# A copy's source: its field in the Volume's spec, its size, where each of its segments
+# sits, and whether it may hold data written as a raw block device.
+Source = tuple[dict[str, str], int, list[tuple[int, int, str]], bool]
 
 
 def _fail(code: grpc.StatusCode, message: str) -> CsiError:
     return CsiError(code, message)
+
+
+def _access(request: Any) -> str:
+    """The Volume's accessType: Block when any capability asked for is a block device."""
+    caps = request.volume_capabilities
+    return "Block" if any(c.WhichOneof("access_type") == "block" for c in caps) else "Filesystem"
+
+
+def _raw(annotations: dict[str, str] | None) -> bool:
+    return (annotations or {}).get(RAW_BLOCK_DATA) == "true"
+
+
+def _raw_mark(annotations: dict[str, str] | None) -> dict[str, str]:
+    """The raw-data mark a copy carries from its source (none when the source has none)."""
+    return {RAW_BLOCK_DATA: "true"} if _raw(annotations) else {}
+
+
+def _mark_raw(data: dict[str, Any]) -> bool:
+    """Marks a Volume object as published as a block device; False when it already was."""
+    annotations = data["metadata"].get("annotations") or {}
+    if annotations.get(RAW_BLOCK_DATA) == "true":
+        return False
+    data["metadata"]["annotations"] = {**annotations, RAW_BLOCK_DATA: "true"}
+    return True
 
 
 def _copied_volume(source: Any) -> str | None:
@@ -85,19 +115,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         chosen = params.parse(dict(request.parameters))  # names a missing or bad parameter
         pool = self.cluster.pool(chosen.pool)
         chosen = params.parse(dict(request.parameters), pool.spec.layout)
-        if chosen.layout.replicas > 1:
-            shared = [
-                Mode.Mode.Name(c.access_mode.mode)
-                for c in request.volume_capabilities
-                if c.access_mode.mode not in capabilities.SINGLE_NODE
-            ]
-            if shared:
-                raise invalid(
-                    f"volume_capabilities: a mirrored volume (replicas: "
-                    f"{chosen.layout.replicas}) is attached to one node at a time, so "
-                    f"{shared[0]} cannot be served: use a single-node access mode, or "
-                    'replicas: "1"'
-                )
+        for cap in request.volume_capabilities:
+            why = capabilities.mirror_problem(cap, chosen.layout.replicas)
+            if why:
+                raise invalid(f"volume_capabilities: {why}")
         self._check_topology(request.accessibility_requirements)
         vid = naming.volume_id(request.name)
         rng = request.capacity_range
@@ -123,13 +144,15 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             made = volume is None
             if volume is None:
                 self._refuse_torn_copy(copied, "clone")
-                volume = self._make(vid, request.name, chosen, size, source)
+                volume = self._make(vid, request.name, chosen, size, source, _access(request))
             else:
                 self._same(volume, request, chosen, source)
             self.cluster.wait(f"volume {vid}", lambda: segments_missing(self.cluster.volume(vid)))
             if made:
                 self._recheck_copy(copied, "clone", "Volume", vid)
             out = self._csi_volume(volume, chosen, request)
+            if volume.spec.access_type:
+                out.volume_context["accessType"] = volume.spec.access_type
             if pool.spec.security.dhchap:
                 out.volume_context["dhchap"] = "true"  # NodeStage then connects with its key
             return csi_pb2.CreateVolumeResponse(volume=out)
@@ -188,6 +211,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             pool = origin.spec.pool if origin else chosen.pool
             where = [(s.index, s.replica, s.node) for s in snap.spec.segments]
             spec, size = {"snapshot": sid}, parse_bytes(snap.spec.size)
+            raw = _raw(snap.metadata.annotations)
         else:
             vid = source.volume.volume_id
             origin = self.cluster.volume(vid)
@@ -196,6 +220,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             layout, pool = origin.spec.layout, origin.spec.pool
             where = [(s.index, s.replica, s.node) for s in origin.spec.segments]
             spec, size = {"volume": vid}, parse_bytes(origin.spec.size)
+            raw = _raw(origin.metadata.annotations)
         if chosen.layout.replicas > 1 or (layout is not None and layout.replicas > 1):
             raise invalid(
                 "volume_content_source: mirrored volumes are neither copied nor restored "
@@ -207,7 +232,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 f"{layout.stripe_width if layout else '?'} stripe(s); a copy keeps its pool "
                 f"and layout (asked: pool {chosen.pool}, {chosen.layout.stripe_width} stripe(s))"
             )
-        return spec, size, where
+        return spec, size, where, raw
 
     def _make(
         self,
@@ -216,6 +241,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         chosen: params.VolumeParams,
         size: int,
         source: Source | None,
+        access_type: str,
     ) -> Volume:
         layout = chosen.layout
         count = layout.stripe_width * layout.replicas
@@ -250,11 +276,13 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     for i, node in enumerate(nodes)
                 ],
                 "hosts": [],
+                "accessType": access_type,
             }
+            # Labelled by node, so each agent watches only the volumes it serves.
+            meta: dict[str, Any] = {"name": vid, "labels": naming.node_labels(nodes)}
             if source:
                 spec["source"] = source[0]
-            # Labelled by node, so each agent watches only the volumes it serves.
-            meta = {"name": vid, "labels": naming.node_labels(nodes)}
+                meta["annotations"] = {RAW_BLOCK_DATA: "true"} if source[3] else {}
             body = {"apiVersion": API, "kind": "Volume", "metadata": meta, "spec": spec}
             return Volume.from_dict(self.cluster.create(body))
 
@@ -348,6 +376,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             volume = self.cluster.volume(vid)
             if volume is None:
                 raise not_found(f"volume {vid} does not exist")
+            why = capabilities.mirror_problem(
+                request.volume_capability, volume.spec.layout.replicas
+            )
+            if why:
+                raise invalid(f"volume_capability: {why}")
             nodes = self.cluster.nodes_with_host(host)
             if not nodes:
                 raise not_found(
@@ -372,6 +405,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 )
 
             asked = {"readonly": request.readonly, "mode": Mode.Mode.Name(mode)}
+            block = request.volume_capability.WhichOneof("access_type") == "block"
 
             def allow(data: dict[str, Any]) -> bool:
                 hosts = data["spec"].setdefault("hosts", [])
@@ -382,8 +416,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                         f"volume {vid} is published to {host} as {published[host]}, not as "
                         f"{asked}: unpublish it there first",
                     )
+                marked = block and _mark_raw(data)
                 if host in hosts and host in published:
-                    return False
+                    return marked
                 if host not in hosts:
                     hosts.append(host)
                 published[host] = asked
@@ -401,6 +436,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if request.readonly:
                 # The spec: the SP MUST publish the volume read-only; the node enforces it.
                 context[capabilities.READONLY_CONTEXT] = "true"
+            if not block and _raw(served.metadata.annotations):
+                context[capabilities.NO_FORMAT_CONTEXT] = "true"
             return csi_pb2.ControllerPublishVolumeResponse(publish_context=context)
 
     def ControllerUnpublishVolume(
@@ -437,10 +474,13 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         self, request: Any, context: Any
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         require(request, "volume_id", "volume_capabilities")
-        if self.cluster.volume(request.volume_id) is None:
+        volume = self.cluster.volume(request.volume_id)
+        if volume is None:
             raise not_found(f"volume {request.volume_id} does not exist")
         for cap in request.volume_capabilities:
-            why = capabilities.problem(cap)
+            why = capabilities.problem(cap) or capabilities.mirror_problem(
+                cap, volume.spec.layout.replicas
+            )
             if why:
                 return csi_pb2.ValidateVolumeCapabilitiesResponse(message=why)
         confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
@@ -643,6 +683,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             "kind": "Snapshot",
             "metadata": {
                 "name": sid,
+                "annotations": _raw_mark(volume.metadata.annotations),
                 "labels": naming.node_labels([s.node for s in volume.spec.segments]),
             },
             "spec": {

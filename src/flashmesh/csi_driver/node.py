@@ -163,6 +163,9 @@ class Node(csi_pb2_grpc.NodeServicer):
                 f"publish_context or volume_context of {vid} is malformed: {exc}"
             ) from None
         cap = request.volume_capability
+        why = capabilities.mirror_problem(cap, chosen.layout.replicas)
+        if why:
+            raise invalid(f"volume_capability: {why}")
         with self.locks.hold(vid):
             wanted = request.volume_context.get(DHCHAP_CONTEXT) == "true"
             secret = self.secret(wanted, dict(request.secrets))
@@ -188,7 +191,9 @@ class Node(csi_pb2_grpc.NodeServicer):
                 self._set_read_only(vid, device)
             if not block:
                 assert fstype is not None
-                self._mount_staged(vid, device, staging, fstype, read_only, cap)
+                no_format = request.publish_context.get(capabilities.NO_FORMAT_CONTEXT) == "true"
+                flags = list(cap.mount.mount_flags)
+                self._mount_staged(vid, device, staging, fstype, flags, read_only, no_format)
         return csi_pb2.NodeStageVolumeResponse()
 
     def _set_read_only(self, vid: str, device: str) -> None:
@@ -386,11 +391,28 @@ class Node(csi_pb2_grpc.NodeServicer):
             raise _fail(grpc.StatusCode.INTERNAL, f"assembling {vid}: {exc}") from None
 
     def _mount_staged(
-        self, vid: str, device: str, staging: str, fstype: str, read_only: bool, cap: Any
+        self,
+        vid: str,
+        device: str,
+        staging: str,
+        fstype: str,
+        flags: list[str],
+        read_only: bool,
+        no_format: bool,
     ) -> None:
         try:
             found = filesystem.probe(self.runner, device)
             if found is None:
+                if no_format:
+                    # blkid knows no signature on it, but it was written as a raw device:
+                    # its data may be anything, and mkfs would destroy it.
+                    raise _fail(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"volume {vid} was published as a raw block device before, and "
+                        "blkid finds no filesystem on it: making one would destroy what "
+                        "was written to it; stage it as a block volume (or, if its data "
+                        "is not wanted, delete it and provision a new volume)",
+                    )
                 if read_only:
                     raise _fail(
                         grpc.StatusCode.FAILED_PRECONDITION,
@@ -399,7 +421,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                     )
                 filesystem.make(self.runner, device, fstype)
                 found = fstype
-            options = list(cap.mount.mount_flags)
+            options = list(flags)
             if read_only:
                 if filesystem.needs_recovery(self.runner, device, found):
                     raise _fail(

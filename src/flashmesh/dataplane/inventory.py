@@ -1,14 +1,19 @@
 """A storage node's drives as FlashMesh sees them: every whole disk with its size, model and
-serial (lsblk), what it holds (blkid's low-level probe, which needs no udev) and whether it
-is an LVM physical volume (pvs)."""
+serial (lsblk), what it holds (blkid's low-level probe, which needs no udev), whether it
+is an LVM physical volume (pvs), and whether it is a local drive at all: an NVMe namespace
+reached over a fabric (a node that is also a GPU node has FlashMesh volumes connected) or
+one of a FlashMesh subsystem is somebody's volume, never a drive to pool (sysfs)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+from flashmesh.core import naming
 from flashmesh.core.drives import BlockDevice
 from flashmesh.dataplane import process, signatures
+from flashmesh.dataplane.initiator import sysfs
 from flashmesh.dataplane.lvm import Lvm
 from flashmesh.dataplane.process import Runner
 
@@ -34,8 +39,26 @@ def parse_lsblk(text: str) -> list[dict[str, Any]]:
     return disks
 
 
-def inventory(runner: Runner = process.run) -> list[BlockDevice]:
+def not_local(root: Path = sysfs.SYSFS) -> dict[str, str]:
+    """/dev path -> why, for every NVMe namespace that is not a local drive: one reached over
+    a fabric (any controller whose transport is not pcie) or one of a FlashMesh subsystem."""
+    found = {}
+    for subsystem in sysfs.subsystems(root):
+        remote = sorted({c.transport for c in subsystem.controllers} - {"pcie", ""})
+        if remote:
+            why = f"is an NVMe-oF namespace ({'/'.join(remote)}, subsystem {subsystem.nqn})"
+        elif naming.is_flashmesh_nqn(subsystem.nqn):
+            why = f"is a namespace of FlashMesh subsystem {subsystem.nqn}"
+        else:
+            continue
+        for name in subsystem.namespaces.values():
+            found[f"/dev/{name}"] = why
+    return found
+
+
+def inventory(runner: Runner = process.run, root: Path = sysfs.SYSFS) -> list[BlockDevice]:
     pv_groups = {pv.path: pv.volume_group for pv in Lvm(runner).physical_volumes()}
+    remote = not_local(root)
     devices = []
     for disk in parse_lsblk(process.check(runner, LSBLK).stdout):
         # Only blkid's "nothing found" is blank: conflicting signatures, or a probe that
@@ -56,6 +79,7 @@ def inventory(runner: Runner = process.run) -> list[BlockDevice]:
                 fstype=found.type if found else None,
                 partitioned=disk["partitioned"] or bool(found and found.partition_table),
                 unknown=problem,
+                remote=remote.get(disk["path"]),
                 mounted=disk["mounted"],
                 volume_group=pv_groups.get(disk["path"]) or None,
             )

@@ -181,12 +181,15 @@ class Lvm:
         if members is None:
             members = {pv.path for pv in self.physical_volumes() if pv.volume_group == vg}
         new = [d for d in devices if d not in members]
+        # No --yes: it would answer lvm2's "signature detected, wipe it?" for us. Selection
+        # passes only drives blkid calls blank; should one hold something after all, lvm2
+        # asks, finds no terminal, and refuses.
         if self.volume_group(vg) is None:
             if not new:
                 raise LvmError(f"volume group {vg} needs at least one drive")
-            self._run("vgcreate", "--yes", vg, *new)
+            self._run("vgcreate", vg, *new)
         elif new:
-            self._run("vgextend", "--yes", vg, *new)
+            self._run("vgextend", vg, *new)
         # After a reboot its volumes are inactive: activate them (once, not every pass).
         if not all(lv.active for lv in self.logical_volumes(vg) if not lv.name.startswith("[")):
             self._run("vgchange", "--activate", "y", vg)

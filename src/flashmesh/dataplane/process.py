@@ -68,7 +68,10 @@ def run(argv: Sequence[str], timeout: float = 120, *, secrets: Sequence[str] = (
     Secrets reach the process only, never the log or the Result."""
     log.debug("run: %s", " ".join(redact_text(arg, secrets) for arg in argv))
     try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+        # No stdin: a tool that asks (lvm2's "wipe it?") gets no answer and refuses.
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired as exc:
         if not any(secrets):
             raise
