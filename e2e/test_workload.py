@@ -58,7 +58,7 @@ from flashmesh.lab.kubelet import StandInKubelet
 from flashmesh.lab.sidecars import Sidecars
 from flashmesh.lab.vm import Lab
 
-pytestmark = [pytest.mark.kernel, pytest.mark.second_lab]
+pytestmark = pytest.mark.kernel
 
 API = resources.API_VERSION
 NS = "default"

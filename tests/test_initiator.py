@@ -380,6 +380,14 @@ def test_a_refused_connect_names_the_path_a_hint_and_no_key(fake: FakeSysfs) -> 
     assert "host not allowed" in message and KEY not in message
 
 
+def test_a_host_id_the_kernel_refuses_is_named(fake: FakeSysfs) -> None:
+    refused = Result(("nvme", "connect"), 1, "", "Failed to write to /dev/nvme-fabrics: "
+                     "Invalid argument\n")  # fmt: skip
+    with pytest.raises(InitiatorError) as failed:
+        connect(Host({"connect": refused}), fake, options())
+    assert "the kernel knows this host NQN with another host ID" in str(failed.value)
+
+
 def test_no_block_device_in_time_is_an_error_naming_the_path(fake: FakeSysfs) -> None:
     host = Host()
     host.on["connect"] = lambda: fake.controller(1, 1, state="connecting")

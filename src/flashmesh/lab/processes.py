@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -11,13 +10,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: the kernel sends SIGTERM if the parent dies, so an
-    # interrupted test run leaves no orphaned servers behind.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# The kernel sends SIGTERM to a process whose parent dies, so an interrupted test run
+# leaves no orphaned servers behind. setpriv asks for it just before it executes the
+# server: a preexec_fn would make Python fork() instead of vfork(), and a fork runs the
+# atfork handlers of gRPC's core in the child, which (with the fds closed under it) can
+# kill the child before it ever executes (seen as a csi-attacher that never started).
+_SETPRIV = "/usr/bin/setpriv"
+_DIE_WITH_PARENT = [_SETPRIV, "--pdeathsig", "TERM", "--"]
 
 
 def spawn(
@@ -30,15 +29,26 @@ def spawn(
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**{k: v for k, v in os.environ.items() if k != "KUBECONFIG"}, **(env or {})}
     with log.open("ab") as out:
-        return subprocess.Popen(
-            argv,
+        proc = subprocess.Popen(
+            [*_DIE_WITH_PARENT, *argv] if die_with_parent else argv,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,
         )
+    if die_with_parent:
+        # Returns once setpriv has executed the server, so the PID names the server's
+        # executable (what is_ours checks) from the start.
+        wait_until(lambda: proc.poll() is not None or _exe(proc.pid) != _SETPRIV, 10, 0.005)
+    return proc
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def is_ours(pid: int, executable: str) -> bool:

@@ -35,6 +35,13 @@ _HINTS = (
     ("Operation not permitted", "the DH-HMAC-CHAP key is malformed"),
     ("Connection refused", "no nvmet port listens at that address"),
     ("Connection timed out", "the address does not answer (network, or the node is down)"),
+    # Since Linux 6.5 the kernel refuses a host NQN it already knows with another host ID
+    # ("found same hostnqn ... but different hostid" in its log).
+    (
+        "Invalid argument",
+        "the kernel knows this host NQN with another host ID: does another NVMe-oF tool on "
+        "this node use /etc/nvme/hostnqn with a different /etc/nvme/hostid?",
+    ),
 )
 
 
