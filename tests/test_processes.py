@@ -39,8 +39,10 @@ def test_a_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
 def test_a_spawned_server_is_its_own_executable_at_once(tmp_path: Path) -> None:
     proc = processes.spawn(["sleep", "300"], tmp_path / "sleep.log", die_with_parent=True)
     try:
-        # No moment where the PID is still the launcher: stop() and running() check it.
+        # No moment where the PID is still the launcher: stop() and running() check it,
+        # and the args name the server, as callers read them back to start it again.
         assert processes.is_ours(proc.pid, "/usr/bin/sleep")
+        assert proc.args == ["sleep", "300"]
     finally:
         processes.end(proc)
 

@@ -39,8 +39,10 @@ def spawn(
         )
     if die_with_parent:
         # Returns once setpriv has executed the server, so the PID names the server's
-        # executable (what is_ours checks) from the start.
+        # executable (what is_ours checks) from the start, and so do the args callers
+        # read back to stop or start it again.
         wait_until(lambda: proc.poll() is not None or _exe(proc.pid) != _SETPRIV, 10, 0.005)
+        proc.args = argv
     return proc
 
 
