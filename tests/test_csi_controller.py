@@ -75,6 +75,25 @@ def csinode(kube: Kube, name: str, host: str) -> dict[str, Any]:
                         "metadata": {"name": name}, "spec": {"drivers": [driver]}})  # fmt: skip
 
 
+def published(
+    stub: Any,
+    pool: Kube,
+    controller: Controller,
+    vid: str,
+    node: str,
+    host: str,
+    cap: csi_pb2.VolumeCapability | None = None,
+) -> csi_pb2.ControllerPublishVolumeRequest:
+    """Registers host as node's CSINode and publishes vid to it: allowed in the Volume
+    object (no agent here reports it served, so the wait runs out); the request made."""
+    cached(controller.cluster.cache.csinodes, csinode(pool, node, host))
+    request = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=vid, node_id=host, volume_capability=cap or mount()
+    )
+    assert code_of(stub[0].ControllerPublishVolume, request)[0] == Code.DEADLINE_EXCEEDED
+    return request
+
+
 @pytest.fixture(scope="module")
 def pool(crds: LocalCluster) -> Iterator[Kube]:
     """A pool of two 1 GiB nodes, as their agents would report them."""
@@ -387,12 +406,7 @@ def test_a_repeat_publish_asking_for_other_access_already_exists(
     code_of(stub[0].CreateVolume, create("pvc-repeat", size=8 * MIB))  # placed, not served
     vid = naming.volume_id("pvc-repeat")
     host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ee"
-    cached(controller.cluster.cache.csinodes, csinode(pool, "single", host))
-    request = csi_pb2.ControllerPublishVolumeRequest(
-        volume_id=vid, node_id=host, volume_capability=mount()
-    )
-    # Allowed in the object (no agent here to report it served: the wait runs out).
-    assert code_of(stub[0].ControllerPublishVolume, request)[0] == Code.DEADLINE_EXCEEDED
+    request = published(stub, pool, controller, vid, "single", host)
     assert host in (pool.get(API, "Volume", vid) or {})["spec"]["hosts"]
     request.readonly = True
     got, message = code_of(stub[0].ControllerPublishVolume, request)
@@ -413,11 +427,7 @@ def test_a_published_striped_volume_is_neither_cloned_nor_snapshotted(
     code_of(stub[0].CreateVolume, create("pvc-torn-source", size=8 * MIB))  # 2 stripes
     source = naming.volume_id("pvc-torn-source")
     host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ef"
-    cached(controller.cluster.cache.csinodes, csinode(pool, "torn", host))
-    publish = csi_pb2.ControllerPublishVolumeRequest(
-        volume_id=source, node_id=host, volume_capability=mount()
-    )
-    assert code_of(stub[0].ControllerPublishVolume, publish)[0] == Code.DEADLINE_EXCEEDED
+    published(stub, pool, controller, source, "torn", host)
     clone = create("pvc-torn-clone", size=8 * MIB)
     clone.volume_content_source.volume.volume_id = source
     got, message = code_of(stub[0].CreateVolume, clone)
@@ -486,11 +496,7 @@ def test_a_volume_published_as_a_block_device_is_marked_and_so_are_its_copies(
     assert (pool.get(API, "Volume", fs) or {})["spec"]["accessType"] == "Filesystem"
     assert mark not in annotations("Volume", raw)  # created, never written: no mark yet
     host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000ec"
-    cached(controller.cluster.cache.csinodes, csinode(pool, "raw", host))
-    publish = csi_pb2.ControllerPublishVolumeRequest(
-        volume_id=raw, node_id=host, volume_capability=block()
-    )
-    assert code_of(stub[0].ControllerPublishVolume, publish)[0] == Code.DEADLINE_EXCEEDED
+    published(stub, pool, controller, raw, "raw", host, block())
     assert annotations("Volume", raw)[mark] == "true"
     unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=raw, node_id=host)
     assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.OK
