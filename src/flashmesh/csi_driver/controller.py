@@ -61,17 +61,17 @@ def _raw(annotations: dict[str, str] | None) -> bool:
     return (annotations or {}).get(RAW_BLOCK_DATA) == "true"
 
 
-def _raw_mark(annotations: dict[str, str] | None) -> dict[str, str]:
-    """The raw-data mark a copy carries from its source (none when the source has none)."""
-    return {RAW_BLOCK_DATA: "true"} if _raw(annotations) else {}
+def _raw_mark(raw: bool) -> dict[str, str]:
+    """The annotations of a copy whose source may hold raw block data (none otherwise)."""
+    return {RAW_BLOCK_DATA: "true"} if raw else {}
 
 
 def _mark_raw(data: dict[str, Any]) -> bool:
     """Marks a Volume object as published as a block device; False when it already was."""
     annotations = data["metadata"].get("annotations") or {}
-    if annotations.get(RAW_BLOCK_DATA) == "true":
+    if _raw(annotations):
         return False
-    data["metadata"]["annotations"] = {**annotations, RAW_BLOCK_DATA: "true"}
+    data["metadata"]["annotations"] = {**annotations, **_raw_mark(True)}
     return True
 
 
@@ -282,7 +282,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             meta: dict[str, Any] = {"name": vid, "labels": naming.node_labels(nodes)}
             if source:
                 spec["source"] = source[0]
-                meta["annotations"] = {RAW_BLOCK_DATA: "true"} if source[3] else {}
+                meta["annotations"] = _raw_mark(source[3])
             body = {"apiVersion": API, "kind": "Volume", "metadata": meta, "spec": spec}
             return Volume.from_dict(self.cluster.create(body))
 
@@ -683,7 +683,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             "kind": "Snapshot",
             "metadata": {
                 "name": sid,
-                "annotations": _raw_mark(volume.metadata.annotations),
+                "annotations": _raw_mark(_raw(volume.metadata.annotations)),
                 "labels": naming.node_labels([s.node for s in volume.spec.segments]),
             },
             "spec": {
