@@ -20,6 +20,9 @@ from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.crds import install_crds
 from flashmesh.lab.netns import LabNetwork, bridge_address
 
+# pytester: the tests of the lab's own pytest hooks run pytest in pytest.
+pytest_plugins = ("pytester",)
+
 _NETWORK = pytest.StashKey[LabNetwork]()
 _SUMMARY = pytest.StashKey[list[str]]()
 

@@ -25,6 +25,7 @@ from helpers import GPU0, GPU1, STORAGE0, STORAGE1, Scenario
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.netns import LabNetwork
+from flashmesh.lab.rerun import forget_failed_fixtures
 from flashmesh.lab.vm import Lab
 
 # The session's lab and agents, once made: the rerun hook and the revival need them.
@@ -153,6 +154,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
                 f"{item.name}: a guest kernel panicked while it ran; run again on the rebooted VM"
             )
         del item.stash[_PANICS_BEFORE]  # the second attempt is not retried
+        forget_failed_fixtures(item)  # (a module fixture's error would fail it again)
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
     for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)
