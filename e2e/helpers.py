@@ -97,3 +97,9 @@ def assert_verified(job: dict[str, Any], size: int) -> None:
     assert job["error"] == 0, job
     assert job["write"]["io_bytes"] == size, job["write"]
     assert job["read"]["io_bytes"] == size, job["read"]  # the verify pass
+
+
+# One 4 KiB direct write to {dev}; prints dd's exit code (124: still blocked after 60 s).
+DIRECT_WRITE = (
+    "timeout 60 dd if=/dev/urandom of={dev} bs=4k count=1 oflag=direct 2>/dev/null; echo $?"
+)

@@ -28,9 +28,11 @@ from agents import (
     start_agent,
     stop_agent,
 )
-from helpers import GPU0, MIB, STORAGE0, Scenario, sh
+from helpers import DIRECT_WRITE, GPU0, MIB, STORAGE0, Scenario, sh
 
 from flashmesh.core import naming, resources
+from flashmesh.core.resources import Volume
+from flashmesh.csi_driver.controller import host_not_cut_off
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.vm import Lab, host_nqn
@@ -48,8 +50,9 @@ CHANGING = (6, 3) if FULL else (3, 3)
 KILLS = MAKING[0] + CHANGING[0]
 
 
-def killed_passes(lab: Lab, after: int, count: int) -> None:
-    """`count` agent passes, each SIGKILLed just before its change number `after`."""
+def killed_passes(lab: Lab, after: int | str, count: int) -> None:
+    """`count` agent passes, each SIGKILLed just before its change number `after` (or its
+    first change whose description starts with `after`)."""
     command = (
         f"{sys.executable} {CRASH_PASSES} {node_name(VM)} {STORAGE0.address(0)} "
         f"/lab/agent.kubeconfig {after} {count} 2>> /lab/agent-{VM}.log"
@@ -125,4 +128,50 @@ def test_the_agent_killed_at_many_points_converges_and_leaks_nothing(
         f"agent SIGKILLed at {len(points)} points over 10 volumes, before {len(kinds)} kinds "
         f"of change ({', '.join(kinds)}); "
         "converged with no leftover subsystem, link, host or LV"
+    )
+
+
+def test_a_host_is_cut_off_even_when_the_agent_dies_between_unlink_and_cut_off(
+    lab: Lab, agents: LocalCluster, scenario: Scenario
+) -> None:
+    """The host leaves the Volume's hosts (as ControllerUnpublish makes it) and the agent is
+    SIGKILLed after unlinking it, before ending its live controller: the host still writes.
+    The agent restarted ends the controller, and the status says the host is cut off only
+    then: once ControllerUnpublish would return, the host's next write fails."""
+    kube = agents.kube
+    gpu = host_nqn(GPU0.name)
+    vid = create_volume(kube, "pvc-agent-fence", [VM], "16Mi", [gpu])
+    nqn = naming.subsystem_nqn(vid, 0, 0)
+
+    def cut_off() -> str | None:
+        data = kube.get(API, "Volume", vid)
+        return host_not_cut_off(Volume.from_dict(data) if data else None, gpu)
+
+    try:
+        assert processes.wait_until(lambda: all_ready(kube, vid), 120), agent_log(lab, VM)
+        dev = sh(lab, GPU0.name, f"modprobe nvme-tcp\nnvme connect -t tcp "
+                 f"-a {STORAGE0.address(0)} -s 4420 -n {nqn} --ctrl-loss-tmo=3 "
+                 f"--reconnect-delay=1 >/dev/null\nnvme_device {nqn}").strip()  # fmt: skip
+        assert sh(lab, GPU0.name, DIRECT_WRITE.format(dev=dev)).strip() == "0"
+        stop_agent(lab, STORAGE0)
+        set_hosts(kube, vid, [])
+        killed_passes(lab, "disconnect", 1)
+        allowed = sh(lab, VM, f"ls {NVMET}/subsystems/{nqn}/allowed_hosts").split()
+        assert allowed == [], allowed
+        # The gap: unlinked, yet its controller lives on (nvmet checks hosts at connect).
+        assert sh(lab, GPU0.name, DIRECT_WRITE.format(dev=dev)).strip() == "0"
+        assert cut_off() is not None, "the status said the host was gone before its cut-off"
+        start_agent(lab, STORAGE0)
+        assert processes.wait_until(lambda: cut_off() is None, 120), agent_log(lab, VM)
+        code = sh(lab, GPU0.name, DIRECT_WRITE.format(dev=dev)).strip()
+        assert code not in ("0", "124"), f"the cut-off host's write: dd exit {code}"
+    finally:
+        lab.exec(GPU0.name, f"nvme disconnect -n {nqn} >/dev/null", check=False)
+        if lab.exec(VM, "pgrep -f 'flashmesh.cli agent'", check=False).rc != 0:
+            start_agent(lab, STORAGE0)
+        delete_and_wait(kube, "Volume", vid)
+    scenario.done(
+        f"agent SIGKILLed between unlinking {GPU0.name} and ending its controller: the host "
+        "kept writing, the status kept it until the restarted agent cut it off, then its "
+        f"next write failed (dd exit {code})"
     )

@@ -1,6 +1,7 @@
 """Two nodes with one host NQN: each agent reads its node's SMBIOS UUID, sees the clash
 among StorageNodes and the CSI driver's CSINode entries, says so on its StorageNode with a
-condition and an Event, and allows that host NQN into no export until the clash is gone."""
+condition and an Event, and lets that host NQN connect to no export until the clash is gone;
+a session it had before is kept, never cut silently."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from agents import (
     node_status,
     segments,
 )
-from helpers import GPU1, STORAGE0, STORAGE1, Scenario, sh
+from helpers import DIRECT_WRITE, GPU1, STORAGE0, STORAGE1, Scenario, sh
 
 from flashmesh.core import naming, resources
 from flashmesh.lab import processes
@@ -53,12 +54,18 @@ def test_a_host_nqn_claimed_by_two_nodes_is_refused_until_resolved(
     # storage-1 boots as a clone of storage-0 would: the same SMBIOS UUID.
     (lab.workdir / "cloned-product-uuid").write_text(vm_uuid(STORAGE0.name) + "\n")
     sh(lab, STORAGE1.name, f"mount --bind {CLONE} {SMBIOS}")
-    # Two GPU nodes' CSINodes carry GPU-1's host NQN.
-    for name in ("gpu-clone-a", "gpu-clone-b"):
-        kube.create(csinode(name, gpu1))
     vid = create_volume(kube, "pvc-agent-shared-nqn", [STORAGE1.name], "16Mi", [shared, gpu1])
     nqn = naming.subsystem_nqn(vid, 0, 0)
     try:
+        # GPU-1 connects and writes while its host NQN is still its own.
+        assert processes.wait_until(lambda: allowed_hosts(lab, STORAGE1.name, nqn) == [gpu1], 120)
+        dev = sh(lab, GPU1.name, f"modprobe nvme-tcp\nnvme connect -t tcp "
+                 f"-a {STORAGE1.address(0)} -s 4420 -n {nqn} --ctrl-loss-tmo=3 "
+                 f"--reconnect-delay=1 >/dev/null\nnvme_device {nqn}").strip()  # fmt: skip
+        assert sh(lab, GPU1.name, DIRECT_WRITE.format(dev=dev)).strip() == "0"
+        # Then two GPU nodes' CSINodes carry GPU-1's host NQN.
+        for name in ("gpu-clone-a", "gpu-clone-b"):
+            kube.create(csinode(name, gpu1))
 
         def clash_seen() -> bool:
             return all(
@@ -96,10 +103,14 @@ def test_a_host_nqn_claimed_by_two_nodes_is_refused_until_resolved(
 
         assert processes.wait_until(refused_both, 120), segments(kube, vid)
         assert processes.wait_until(lambda: allowed_hosts(lab, STORAGE1.name, nqn) == [], 60)
+        # Refused new connections only: the session GPU-1 has is kept, and said so.
+        assert segments(kube, vid)[0].get("keptHosts") == sorted([shared, gpu1])
+        assert sh(lab, GPU1.name, DIRECT_WRITE.format(dev=dev)).strip() == "0", (
+            "a live session was cut"
+        )
+        sh(lab, GPU1.name, f"nvme disconnect -n {nqn} >/dev/null")
         refused = lab.exec(
-            GPU1.name,
-            f"modprobe nvme-tcp\nnvme connect -t tcp -a {STORAGE1.address(0)} -s 4420 -n {nqn}",
-            check=False,
+            GPU1.name, f"nvme connect -t tcp -a {STORAGE1.address(0)} -s 4420 -n {nqn}", check=False
         )
         assert refused.rc != 0, refused.output
 
@@ -115,11 +126,13 @@ def test_a_host_nqn_claimed_by_two_nodes_is_refused_until_resolved(
             )
         assert node_status(agents, node_name(STORAGE1.name))["hostNQN"] == host_nqn(STORAGE1.name)
     finally:
+        lab.exec(GPU1.name, f"nvme disconnect -n {nqn} >/dev/null", check=False)
         sh(lab, STORAGE1.name, f"umount {SMBIOS} 2>/dev/null || true")
         for name in ("gpu-clone-a", "gpu-clone-b"):
             kube.delete("storage.k8s.io/v1", "CSINode", name)
     assert delete_and_wait(kube, "Volume", vid)
     scenario.done(
         "one host NQN on 2 StorageNodes and on 2 CSINodes: condition + Event on both nodes, "
-        "neither allowed, connect refused; allowed again once resolved"
+        "neither allowed, the live session kept writing, a new connect refused; allowed "
+        "again once resolved"
     )

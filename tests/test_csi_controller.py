@@ -418,6 +418,35 @@ def test_a_repeat_publish_asking_for_other_access_already_exists(
     assert "flashmesh.dev/published" not in (volume["metadata"].get("annotations") or {})
 
 
+def test_unpublish_waits_until_no_segment_is_still_cutting_the_host_off(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
+    """An agent that unlinked the host but has not ended its live controllers (it died
+    between the two) lists the host as being cut off: ControllerUnpublish waits for that."""
+    code_of(stub[0].CreateVolume, create("pvc-fenced", size=8 * MIB))
+    vid = naming.volume_id("pvc-fenced")
+    host = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-0000000000fe"
+    published(stub, pool, controller, vid, "fenced", host)
+    volume = pool.get(API, "Volume", vid) or {}
+
+    def report(cutting: list[str]) -> None:
+        segments = [
+            {"index": s["index"], "replica": s["replica"], "node": s["node"], "ready": True,
+             "hosts": [], **({"cuttingOff": cutting} if cutting else {})}
+            for s in volume["spec"]["segments"]
+        ]  # fmt: skip
+        body = {"status": {"segments": segments}}
+        cached(controller.cluster.cache.volumes,
+               pool.patch(API, "Volume", vid, body, subresource="status"))  # fmt: skip
+
+    report([host])
+    unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host)
+    got, message = code_of(stub[0].ControllerUnpublishVolume, unpublish)
+    assert got == Code.DEADLINE_EXCEEDED and "still being cut off" in message, (got, message)
+    report([])
+    assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.OK
+
+
 def test_a_published_striped_volume_is_neither_cloned_nor_snapshotted(
     stub: Any, pool: Kube, controller: Controller
 ) -> None:

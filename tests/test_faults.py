@@ -33,3 +33,9 @@ def test_the_process_is_killed_just_before_the_nth_change() -> None:
 def test_without_the_variable_nothing_happens() -> None:
     done = run(None)
     assert done.returncode == 0 and done.stdout.count("made") == 5
+
+
+def test_the_process_is_killed_just_before_the_change_it_names() -> None:
+    done = run("change 4")
+    assert done.returncode == -signal.SIGKILL
+    assert done.stdout.split("\n")[:-1] == ["made 1", "made 2", "made 3"]

@@ -247,6 +247,11 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["FABRIC_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     assert agent["nodeSelector"] == {"flashmesh.dev/storage": "true"}
+    # The cut-offs not done yet outlive the agent's pod (a rollout mid-cut-off), on the
+    # host's /run, which a reboot clears with every controller.
+    agent_paths = {v["name"]: v["hostPath"]["path"] for v in agent["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert (agent_paths["cutoffs"], mounts["cutoffs"]) == ("/run/flashmesh", "/run/flashmesh")
     fixed = pod_spec(
         helm.template(RELEASE, NS, "--set", "agent.fabricAddress.value=10.77.0.5"), "agent"
     )

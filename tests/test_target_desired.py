@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flashmesh.core import naming
 from flashmesh.core.resources import Endpoint, Meta, Segment, SegmentStatus, Volume, VolumeSpec
 from flashmesh.dataplane.target.desired import desired_target, local_segments, segment_statuses
@@ -81,3 +83,20 @@ def test_a_refused_host_is_left_out_and_said_on_a_ready_segment() -> None:
     (status,) = segment_statuses("node-1", [a], done, ENDPOINTS, {}, refused)[a.metadata.name]
     assert status.ready and status.hosts == [HOST]
     assert status.message == refused[OTHER]
+    # Refused new connections only: the controllers it has are kept, and said so.
+    assert done.subsystems[status.subsystem_nqn or ""].kept_hosts == {OTHER}
+    assert status.kept_hosts == [OTHER] and status.cutting_off is None
+
+
+def test_a_host_still_being_cut_off_keeps_the_segment_not_ready_and_named() -> None:
+    """ControllerUnpublish waits on this: the host is no longer allowed, but its live
+    controllers are not known to be ended."""
+    a = volume("pvc-a", ["node-1"], [HOST])
+    nqn = naming.subsystem_nqn(a.metadata.name, 0, 0)
+    done = desired_target("node-1", [a], VG, ENDPOINTS)
+    seen = dataclasses.replace(done.subsystems[nqn], cutting_off=frozenset({OTHER}))
+    observed = dataclasses.replace(done, subsystems={nqn: seen})
+    (status,) = segment_statuses("node-1", [a], observed, ENDPOINTS, {})[a.metadata.name]
+    assert not status.ready
+    assert (status.hosts, status.cutting_off) == ([HOST], [OTHER])
+    assert status.message == f"cutting off {OTHER}: its live controllers are not ended yet"

@@ -11,6 +11,7 @@ import pytest
 from fake_nvmet import FakeNvmet
 from flashmesh.core import naming
 from flashmesh.dataplane.target.configfs import ConfigfsError, apply, observe
+from flashmesh.dataplane.target.fencing import Cutoffs
 from flashmesh.dataplane.target.model import PORT_ID_BASE, Host, Namespace, Port, Subsystem, Target
 from flashmesh.dataplane.target.planner import Action, plan
 
@@ -104,6 +105,7 @@ def test_namespace_attributes_change_only_while_disabled() -> None:
 def test_stale_hosts_are_unlinked_and_cut_off_before_allowing_any_host() -> None:
     actions = plan(target([subsystem(hosts=(), allow_any_host=True)], [port()], hosts=()), DESIRED)
     unlink = index(actions, "unlink", f"allowed_hosts/{HOST_A}")
+    assert actions[unlink - 1] == Action("fence", f"subsystems/{NQN}", HOST_A)
     assert actions[unlink + 1] == Action("disconnect", f"subsystems/{NQN}", HOST_A)
     assert unlink < index(actions, "write", "attr_allow_any_host", "1")
     assert index(actions, "rmdir", f"hosts/{HOST_A}") > unlink
@@ -121,10 +123,30 @@ def test_a_removed_host_loses_its_live_connections() -> None:
     both = target([subsystem(hosts=(HOST_A, HOST_B))], [port()], hosts=(HOST_A, HOST_B))
     actions = plan(DESIRED, both)
     assert [str(a) for a in actions] == [
+        f"fence subsystems/{NQN} = {HOST_B}",
         f"unlink subsystems/{NQN}/allowed_hosts/{HOST_B}",
         f"disconnect subsystems/{NQN} = {HOST_B}",
         f"rmdir hosts/{HOST_B}",
     ]
+
+
+def test_a_host_still_being_cut_off_is_disconnected_again() -> None:
+    """Unlinked by a pass that died before the cut-off: no longer allowed, but recorded (or
+    listed by nvmet's debugfs) as still connected."""
+    left = target([subsystem(cutting_off=frozenset({HOST_B}))], [port()])
+    assert [str(a) for a in plan(DESIRED, left)] == [f"disconnect subsystems/{NQN} = {HOST_B}"]
+
+
+def test_a_kept_host_may_not_connect_again_but_keeps_its_controllers() -> None:
+    """A disputed host NQN (claimed twice, its key missing) is unlinked, never cut off."""
+    both = target([subsystem(hosts=(HOST_A, HOST_B))], [port()], hosts=(HOST_A, HOST_B))
+    kept = target([subsystem(kept_hosts=frozenset({HOST_B}))], [port()])
+    assert [str(a) for a in plan(kept, both)] == [
+        f"unlink subsystems/{NQN}/allowed_hosts/{HOST_B}",
+        f"rmdir hosts/{HOST_B}",
+    ]
+    seen = target([subsystem(cutting_off=frozenset({HOST_B}))], [port()])
+    assert plan(kept, seen) == [], "a kept host's live controllers are never cut"
 
 
 def test_a_subsystem_is_unlinked_from_ports_and_emptied_before_removal() -> None:
@@ -267,3 +289,62 @@ def test_a_refusal_names_the_operation_and_stops(tmp_path: Path) -> None:
     bad = [Action("write", f"subsystems/{NQN}/namespaces/1/device_path", "/dev/x")]
     with pytest.raises(ConfigfsError, match="device_path = /dev/x: Device or resource busy"):
         apply(fs, bad)
+
+
+# --- cut-offs that outlive the agent ------------------------------------------------------
+
+BOTH = target([subsystem(hosts=(HOST_A, HOST_B))], [port()], hosts=(HOST_A, HOST_B))
+
+
+def test_a_pass_killed_between_unlink_and_cut_off_is_finished_by_the_next(
+    tmp_path: Path,
+) -> None:
+    fs = tree(tmp_path / "nvmet", BOTH)
+    cutoffs = Cutoffs(tmp_path / "run" / "cutoffs.json")
+    actions = plan(DESIRED, observe(fs, cutoffs))
+    killed = actions[: index(actions, "disconnect", NQN)]
+    apply(fs, killed, cutoffs)  # the agent died here: HOST_B unlinked, still connected
+    seen = observe(fs, cutoffs)
+    assert seen.subsystems[NQN].allowed_hosts == {HOST_A}
+    assert seen.subsystems[NQN].cutting_off == {HOST_B}
+    again = plan(DESIRED, seen)
+    assert Action("disconnect", f"subsystems/{NQN}", HOST_B) in again
+    apply(fs, again, cutoffs)
+    assert observe(fs, cutoffs).subsystems[NQN].cutting_off == frozenset()
+    assert cutoffs.pending() == {}
+
+
+def test_a_cut_off_is_recorded_before_the_unlink_and_cleared_after_it(tmp_path: Path) -> None:
+    fs = tree(tmp_path / "nvmet", BOTH)
+    cutoffs = Cutoffs(tmp_path / "run" / "cutoffs.json")
+    actions = plan(DESIRED, observe(fs, cutoffs))
+    apply(fs, actions[: index(actions, "fence", NQN) + 1], cutoffs)
+    assert cutoffs.pending() == {NQN: {HOST_B}}
+    assert observe(fs, cutoffs).subsystems[NQN].allowed_hosts == {HOST_A, HOST_B}
+    converge_with(fs, DESIRED, cutoffs)
+    assert cutoffs.pending() == {}
+
+
+def test_a_removed_subsystem_takes_its_cut_offs_with_it(tmp_path: Path) -> None:
+    fs = tree(tmp_path / "nvmet", BOTH)
+    cutoffs = Cutoffs(tmp_path / "run" / "cutoffs.json")
+    cutoffs.add(NQN, HOST_B)
+    converge_with(fs, target([], [], hosts=()), cutoffs)
+    assert cutoffs.pending() == {}
+
+
+def test_debugfs_names_the_hosts_still_connected(tmp_path: Path) -> None:
+    """Where nvmet has its debugfs (kernel >= 6.9), a connected host that is not allowed is
+    being cut off whatever was recorded."""
+    fs = tree(tmp_path / "nvmet", DESIRED)
+    debugfs = tmp_path / "debug"
+    for ctrl, host in (("ctrl1", HOST_A), ("ctrl2", HOST_B)):
+        (debugfs / NQN / ctrl).mkdir(parents=True)
+        (debugfs / NQN / ctrl / "hostnqn").write_text(host + "\n")
+    seen = observe(fs, Cutoffs(tmp_path / "none.json"), debugfs)
+    assert seen.subsystems[NQN].cutting_off == {HOST_B}
+
+
+def converge_with(fs: FakeNvmet, desired: Target, cutoffs: Cutoffs) -> None:
+    apply(fs, plan(desired, observe(fs, cutoffs)), cutoffs)
+    assert plan(desired, observe(fs, cutoffs)) == [], "a second plan must have nothing to do"

@@ -1,8 +1,9 @@
 """Runs inside a storage VM: agent passes that each SIGKILL themselves just before their
-Nth change to the node (FLASHMESH_CRASH_AT). Each pass is a forked child of this process,
-which imports FlashMesh once (an import takes many seconds under emulation); the child is
-a whole agent process that dies by SIGKILL, as a crash would kill it. Prints each pass's
-exit code as JSON (-9: killed at its crash point).
+Nth change to the node, or before the first change CHANGES names (FLASHMESH_CRASH_AT).
+Each pass is a forked child of this process, which imports FlashMesh once (an import takes
+many seconds under emulation); the child is a whole agent process that dies by SIGKILL, as
+a crash would kill it. Prints each pass's exit code as JSON (-9: killed at its crash
+point).
 
     python crash_passes.py NODE ADDRESS KUBECONFIG CHANGES COUNT
 """
@@ -19,7 +20,7 @@ from flashmesh.dataplane.agent import Agent
 from flashmesh.kube import Kube
 
 
-def main(node: str, address: str, kubeconfig: str, changes: int, count: int) -> None:
+def main(node: str, address: str, kubeconfig: str, changes: str, count: int) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
@@ -27,7 +28,7 @@ def main(node: str, address: str, kubeconfig: str, changes: int, count: int) -> 
     for _ in range(count):
         pid = os.fork()
         if pid == 0:
-            os.environ[faults.ENV] = str(changes)
+            os.environ[faults.ENV] = changes
             try:
                 Agent(Kube.from_kubeconfig(kubeconfig), node, address).reconcile()
             except BaseException:
@@ -40,4 +41,4 @@ def main(node: str, address: str, kubeconfig: str, changes: int, count: int) -> 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))

@@ -21,14 +21,14 @@ def duplicate_message(nqn: str, node: str, nodes: list[str]) -> str:
     others = ", ".join(n for n in nodes if n != node)
     return (
         f"host NQN {nqn} is also claimed by {others}: give each node a distinct SMBIOS UUID "
-        "(/sys/class/dmi/id/product_uuid); no volume is exported to this host NQN until "
-        "only one node claims it"
+        "(/sys/class/dmi/id/product_uuid); this host NQN may connect to no volume until "
+        "only one node claims it (connections it has are kept)"
     )
 
 
 def refusal_message(nqn: str, nodes: list[str]) -> str:
     """Why a volume's export leaves out a host NQN that several nodes claim."""
     return (
-        f"host {nqn} is not allowed: nodes {', '.join(nodes)} all claim it, and two hosts "
-        "with one NQN would corrupt the volume"
+        f"host {nqn} may not connect: nodes {', '.join(nodes)} all claim it, and two hosts "
+        "with one NQN would corrupt the volume (a connection it already has is kept)"
     )

@@ -258,6 +258,10 @@ class SegmentStatus:
     subsystem_nqn: str | None = field(default=None, metadata=serde.json_key("subsystemNQN"))
     endpoints: list[Endpoint] | None = None
     hosts: list[str] | None = None
+    # Removed hosts whose live controllers are not known to be ended yet.
+    cutting_off: list[str] | None = None
+    # Hosts refused new connections whose live controllers are kept.
+    kept_hosts: list[str] | None = None
     message: str | None = None
     size: str | None = None
 

@@ -467,7 +467,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
     def _wait_gone(self, vid: str, host: str) -> None:
         self.cluster.wait(
-            f"unpublishing {vid} from {host}", lambda: _gone(self.cluster.volume(vid), host)
+            f"unpublishing {vid} from {host}",
+            lambda: host_not_cut_off(self.cluster.volume(vid), host),
         )
 
     def ValidateVolumeCapabilities(
@@ -758,12 +759,19 @@ def _set_published(data: dict[str, Any], published: dict[str, Any]) -> None:
         annotations.pop(PUBLISHED, None)
 
 
-def _gone(volume: Volume | None, host: str) -> str | None:
-    """Whether an agent still reports the host allowed on a segment (a segment never
-    exported never let it in)."""
+def host_not_cut_off(volume: Volume | None, host: str) -> str | None:
+    """Whether an agent still reports the host allowed on a segment, or still being cut off
+    (its live controllers not known to be ended); a segment never exported never let it in."""
     statuses = (volume.status.segments if volume and volume.status else None) or []
-    still = [f"{s.index}/{s.replica} on {s.node}" for s in statuses if host in (s.hosts or [])]
-    return f"{host} still allowed on segment(s) {', '.join(still)}" if still else None
+    allowed = [f"{s.index}/{s.replica} on {s.node}" for s in statuses if host in (s.hosts or [])]
+    cutting = [
+        f"{s.index}/{s.replica} on {s.node}" for s in statuses if host in (s.cutting_off or [])
+    ]
+    if allowed:
+        return f"{host} still allowed on segment(s) {', '.join(allowed)}"
+    if cutting:
+        return f"{host} still being cut off from segment(s) {', '.join(cutting)}"
+    return None
 
 
 def _condition(volume: Volume) -> csi_pb2.VolumeCondition:

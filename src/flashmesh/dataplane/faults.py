@@ -2,7 +2,9 @@
 
 With FLASHMESH_CRASH_AT=N in its environment, a process SIGKILLs itself just before its Nth
 change to the node (an lvm2 change or an nvmet configfs action), where a power cut or an OOM
-kill could stop it. Unset, as it is outside those tests, it does nothing.
+kill could stop it; with FLASHMESH_CRASH_AT=<word>, just before its first change whose
+description starts with that word (such as `disconnect`). Unset, as it is outside those
+tests, it does nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,6 @@ def before_change(what: str) -> None:
     if not crash_at:
         return
     _changes += 1
-    if _changes >= int(crash_at):
+    if (crash_at.isdigit() and _changes >= int(crash_at)) or what.startswith(crash_at):
         log.warning("crash point: SIGKILL before change %d (%s)", _changes, what)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -5,6 +5,7 @@ pass that left work undone, and on a slow resync; never on a short timer."""
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from flashmesh.dataplane.host_keys import KEY_HINT, keys_from_secrets
 from flashmesh.dataplane.inventory import inventory
 from flashmesh.dataplane.lvm import Lvm, LvmError
 from flashmesh.dataplane.process import CommandError, Runner
-from flashmesh.dataplane.target import configfs
+from flashmesh.dataplane.target import configfs, fencing
 from flashmesh.kube import Kube, KubeError
 from flashmesh.metrics import serve as serve_metrics
 
@@ -53,6 +54,8 @@ class Agent:
     address: str
     port: int = NVME_PORT
     nvmet_root: Path = configfs.NVMET_ROOT
+    # The cut-offs not done yet, kept on a tmpfs (see target/fencing.py).
+    cutoffs: Path = fencing.CUTOFFS
     runner: Runner = process.run
     # Where the DH-HMAC-CHAP host keys and the node's Lease live.
     namespace: str = "flashmesh-system"
@@ -63,6 +66,7 @@ class Agent:
     _cache: AgentCache | None = None
     _probe_drives: bool = True
     _beating: bool = False  # a heartbeat thread renews the Lease
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def finalizer(self) -> str:
@@ -96,7 +100,7 @@ class Agent:
         wake = self._cache.wake
         trigger, delay = "start", RETRY_FIRST
         last_probe = time.monotonic()
-        while True:
+        while not self._stopping.is_set():
             wake.clear()  # changes from here on wake the pass after this one
             self._probe_drives = trigger in ("start", "resync")
             if self._probe_drives:
@@ -115,8 +119,28 @@ class Agent:
                 timeout = max(self.resync_every - (time.monotonic() - last_probe), 0)
             else:
                 timeout, delay = delay, min(delay * 2, RETRY_MAX)
+            if self._stopping.is_set():
+                break
             woken = wake.wait(timeout)
             trigger = "event" if woken else ("resync" if settled else "retry")
+        log.info("stopped after finishing its pass")
+
+    def stop(self) -> None:
+        """Ends run_forever once the pass under way (if any) is finished: a pass stopped
+        between two of its steps could leave a host unlinked but still connected, or a
+        volume half made. Safe to call from a signal handler."""
+        self._stopping.set()
+        if self._cache is not None:
+            self._cache.wake.set()
+
+    def stop_on_sigterm(self) -> None:
+        """SIGTERM (a pod deleted, a DaemonSet rolled out) stops the agent between passes."""
+
+        def handler(signum: int, frame: object) -> None:
+            log.info("SIGTERM: finishing the pass under way, then stopping")
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
 
     def reconcile(self) -> bool:
         """One pass; True when it left nothing undone."""
@@ -156,7 +180,8 @@ class Agent:
             )  # fmt: skip
             done = VolumeReconciler(
                 self.kube, self.node, self.finalizer, self.manager, self.nvmet_root,
-                lvm, vg_name, endpoints, keys, refused, cache.wrote,
+                lvm, vg_name, endpoints, keys, refused, fencing.Cutoffs(self.cutoffs),
+                cache.wrote,
             ).run(volume_objs, volumes, snapshots)  # fmt: skip
             settled = done and snaps_done
         report = NodeReport(
@@ -314,6 +339,7 @@ def main(
     agent_name = f"flashmesh-agent/{node}"
     kube = Kube.from_kubeconfig(kubeconfig, user_agent=agent_name)
     agent = Agent(kube, node, address, namespace=namespace, resync_every=resync)
+    agent.stop_on_sigterm()
     if once:
         agent.reconcile()
         return 0

@@ -24,6 +24,7 @@ from flashmesh.dataplane.target.desired import (
     local_segments,
     segment_statuses,
 )
+from flashmesh.dataplane.target.fencing import Cutoffs
 from flashmesh.dataplane.target.model import Target
 from flashmesh.dataplane.target.planner import plan
 from flashmesh.kube import Kube
@@ -46,6 +47,8 @@ class VolumeReconciler:
     keys: dict[str, str] | None
     # Host NQNs no export may allow, each with the reason a person reads in the status.
     refused: dict[str, str]
+    # Where cut-offs are recorded until done (see target/fencing.py).
+    cutoffs: Cutoffs
     # Told of every object a write returned (the watch then knows its own writes).
     wrote: Callable[[dict[str, Any]], None] = lambda obj: None
 
@@ -75,7 +78,7 @@ class VolumeReconciler:
             self.node, exportable, self.vg, self.endpoints, self.keys, frozenset(self.refused)
         )
         try:
-            configfs.apply(fs, plan(desired, configfs.observe(fs)))
+            configfs.apply(fs, plan(desired, configfs.observe(fs, self.cutoffs)), self.cutoffs)
         except configfs.ConfigfsError as exc:
             log.warning("nvmet: %s", exc)
             for nqn in desired.subsystems:
@@ -84,7 +87,7 @@ class VolumeReconciler:
             # The namespace reads its new size only when told; hosts then get an event.
             configfs.revalidate_size(fs, nqn)
             log.info("grew %s to %d bytes", lv, sizes[nqn])
-        observed = configfs.observe(fs)
+        observed = configfs.observe(fs, self.cutoffs)
         shown = {nqn: format_bytes(size) for nqn, size in sizes.items()}
         statuses = segment_statuses(
             self.node, live, observed, self.endpoints, errors, self.refused, shown

@@ -12,15 +12,13 @@ import os
 from pathlib import Path
 
 from flashmesh.dataplane import faults
+from flashmesh.dataplane.target.fencing import NVMET_DEBUGFS, Cutoffs, NoCutoffs, connected_hosts
 from flashmesh.dataplane.target.model import Host, Namespace, Port, Subsystem, Target
 from flashmesh.dataplane.target.planner import Action, subsystem_path
 
 log = logging.getLogger(__name__)
 
 NVMET_ROOT = Path("/sys/kernel/config/nvmet")
-# nvmet's debugfs (kernel >= 6.9) lists each controller with its host NQN; writing "fatal"
-# to its state ends that one controller.
-NVMET_DEBUGFS = Path("/sys/kernel/debug/nvmet")
 
 
 class ConfigfsError(RuntimeError):
@@ -66,9 +64,11 @@ class Fs:
         return []
 
 
-def observe(fs: Fs) -> Target:
-    """The whole nvmet tree as the model."""
+def observe(fs: Fs, cutoffs: Cutoffs | None = None, debugfs: Path = NVMET_DEBUGFS) -> Target:
+    """The whole nvmet tree as the model; each subsystem's hosts still being cut off from
+    nvmet's debugfs (where the kernel has it) and the recorded cut-offs not done."""
     target = Target()
+    pending = (cutoffs or NoCutoffs()).pending()
     for nqn in fs.names("subsystems"):
         base = f"subsystems/{nqn}"
         namespaces = {}
@@ -82,12 +82,15 @@ def observe(fs: Fs) -> Target:
                 ana_grpid=int(fs.read(f"{ns}/ana_grpid") or 1),
                 enable=fs.read(f"{ns}/enable") == "1",
             )
+        allowed = frozenset(fs.names(f"{base}/allowed_hosts"))
+        connected = connected_hosts(nqn, debugfs) or frozenset()
         target.subsystems[nqn] = Subsystem(
             nqn=nqn,
             serial=fs.read(f"{base}/attr_serial") or "",
             allow_any_host=fs.read(f"{base}/attr_allow_any_host") == "1",
-            allowed_hosts=frozenset(fs.names(f"{base}/allowed_hosts")),
+            allowed_hosts=allowed,
             namespaces=namespaces,
+            cutting_off=(connected | pending.get(nqn, frozenset())) - allowed,
         )
     for port_id in fs.names("ports"):
         base = f"ports/{port_id}"
@@ -116,9 +119,13 @@ def _null(value: str | None) -> str:
     return "" if value in (None, "(null)") else str(value)
 
 
-def apply(fs: Fs, actions: list[Action], debugfs: Path = NVMET_DEBUGFS) -> None:
+def apply(
+    fs: Fs, actions: list[Action], cutoffs: Cutoffs | None = None, debugfs: Path = NVMET_DEBUGFS
+) -> None:
     """Applies a plan in order; stops at the first refusal, naming the operation. What was
-    applied stays: the next plan starts from there."""
+    applied stays: the next plan starts from there. Cut-offs are recorded in `cutoffs`
+    (see fencing.py): a `fence` adds one, a `disconnect` that returns ends it."""
+    cutoffs = cutoffs or NoCutoffs()
     for action in actions:
         log.info("nvmet: %s", action)
         faults.before_change(str(action))
@@ -127,14 +134,20 @@ def apply(fs: Fs, actions: list[Action], debugfs: Path = NVMET_DEBUGFS) -> None:
                 fs.mkdir(action.path)
             elif action.op == "rmdir":
                 fs.rmdir(action.path)
+                if action.path.count("/") == 1 and action.path.startswith("subsystems/"):
+                    cutoffs.forget(action.path.removeprefix("subsystems/"))
             elif action.op == "write":
                 fs.write(action.path, action.value)
             elif action.op == "link":
                 fs.link(action.path, action.value)
             elif action.op == "unlink":
                 fs.unlink(action.path)
+            elif action.op == "fence":
+                cutoffs.add(action.path.removeprefix("subsystems/"), action.value)
             else:
-                disconnect(fs, action.path.removeprefix("subsystems/"), action.value, debugfs)
+                nqn = action.path.removeprefix("subsystems/")
+                log.info("nvmet: %s", disconnect(fs, nqn, action.value, debugfs))
+                cutoffs.done(nqn, action.value)
         except OSError as exc:
             raise ConfigfsError(action, exc) from exc
 

@@ -47,8 +47,10 @@ def desired_target(
     blocked_hosts: frozenset[str] = frozenset(),
 ) -> Target:
     """host_keys, when the pool asks for DH-HMAC-CHAP, maps each host NQN to its secret;
-    blocked_hosts (a host NQN shared by two nodes) are never allowed."""
+    blocked_hosts (a host NQN shared by two nodes, a host without its key) may not connect,
+    but those among a volume's hosts keep the controllers they have (kept_hosts)."""
     hosts_of = {v.metadata.name: frozenset(v.spec.hosts) - blocked_hosts for v in volumes}
+    kept_of = {v.metadata.name: frozenset(v.spec.hosts) & blocked_hosts for v in volumes}
     target = Target()
     for seg in local_segments(node, volumes):
         namespace = Namespace(
@@ -59,7 +61,9 @@ def desired_target(
         )
         serial = naming.subsystem_serial(seg.volume, seg.segment.index, seg.segment.replica)
         allowed = hosts_of[seg.volume]
-        target.subsystems[seg.nqn] = Subsystem(seg.nqn, serial, False, allowed, {1: namespace})
+        target.subsystems[seg.nqn] = Subsystem(
+            seg.nqn, serial, False, allowed, {1: namespace}, kept_hosts=kept_of[seg.volume]
+        )
         for host in allowed:
             key = (host_keys or {}).get(host)
             target.hosts[host] = Host(host, dhchap_key=key)
@@ -82,11 +86,12 @@ def segment_statuses(
     sizes: dict[str, str] | None = None,
 ) -> dict[str, list[SegmentStatus]]:
     """Per volume, the status entries of this node's segments: ready once the subsystem is
-    exported with its namespace enabled, on every endpoint, to exactly the allowed hosts
-    (removed hosts already cut off); otherwise a message says what is missing. A ready
-    segment's message says which of the volume's hosts were refused (refused: host NQN ->
-    why), since those are left out of its allowed hosts. sizes: each segment's logical
-    volume size by subsystem NQN, as it is now."""
+    exported with its namespace enabled, on every endpoint, to exactly the allowed hosts,
+    with no removed host still being cut off; otherwise a message says what is missing. A
+    ready segment's message says which of the volume's hosts were refused (refused: host
+    NQN -> why), since those are left out of its allowed hosts and listed as kept (their
+    live controllers stay). sizes: each segment's logical volume size by subsystem NQN, as it is
+    now."""
     out: dict[str, list[SegmentStatus]] = {}
     hosts_of = {v.metadata.name: v.spec.hosts for v in volumes}
     for seg in local_segments(node, volumes):
@@ -96,9 +101,15 @@ def segment_statuses(
         message = errors.get(seg.nqn)
         if message is None and not (sub and enabled and linked):
             message = "not exported yet"
+        refused_here = {h for h in hosts_of[seg.volume] if h in (refused or {})}
+        # A refused host may not connect again; the controllers it has are kept.
+        kept = sorted(refused_here)
+        cutting = sorted((sub.cutting_off if sub else frozenset()) - refused_here)
+        if message is None and cutting:
+            message = f"cutting off {', '.join(cutting)}: its live controllers are not ended yet"
         ready = message is None
         if ready and refused:
-            why = [refused[h] for h in sorted(hosts_of[seg.volume]) if h in refused]
+            why = [refused[h] for h in sorted(refused_here)]
             message = "; ".join(why) or None
         out.setdefault(seg.volume, []).append(
             SegmentStatus(
@@ -109,6 +120,8 @@ def segment_statuses(
                 subsystem_nqn=seg.nqn,
                 endpoints=list(endpoints),
                 hosts=sorted(sub.allowed_hosts) if sub else [],
+                cutting_off=cutting or None,
+                kept_hosts=kept or None,
                 message=message,
                 size=(sizes or {}).get(seg.nqn),
             )

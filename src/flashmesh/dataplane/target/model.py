@@ -45,6 +45,12 @@ class Subsystem:
     allow_any_host: bool = False
     allowed_hosts: frozenset[str] = frozenset()
     namespaces: dict[int, Namespace] = field(default_factory=dict)
+    # Observed: hosts not allowed whose controllers are, or may still be, live (nvmet's
+    # debugfs where the kernel has it, and the cut-offs recorded but not done).
+    cutting_off: frozenset[str] = frozenset()
+    # Desired: hosts refused new connections (a disputed host NQN, a missing key) whose
+    # live controllers stay: they connected when nothing was in dispute.
+    kept_hosts: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

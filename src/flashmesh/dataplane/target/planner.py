@@ -14,7 +14,11 @@ The kernel's rules, and where the plan keeps them:
   holding a key no longer wanted is unlinked, removed and made again. Its live
   connections stay; they were authenticated when they connected.
 The kernel checks allowed hosts only when a host connects, so removing a host from a
-subsystem also disconnects the host's live controllers (the `disconnect` operation).
+subsystem also ends the host's live controllers: `fence` records the cut-off before the
+unlink, `disconnect` ends the controllers and clears the record. A host observed as still
+being cut off (recorded, or listed by nvmet's debugfs) is disconnected on every plan until
+it is not: an agent stopped between two steps finishes the cut-off on its next pass. A kept
+host (refused new connections only) is unlinked and keeps its live controllers.
 
 Only FlashMesh's own subsystems (by NQN prefix) and ports (by id range) are changed;
 anything else found in the tree is left as it is.
@@ -29,13 +33,14 @@ from typing import Literal
 from flashmesh.core.naming import is_flashmesh_nqn
 from flashmesh.dataplane.target.model import PORT_ID_BASE, Host, Port, Subsystem, Target
 
-Op = Literal["mkdir", "rmdir", "write", "link", "unlink", "disconnect"]
+Op = Literal["mkdir", "rmdir", "write", "link", "unlink", "fence", "disconnect"]
 
 
 @dataclass(frozen=True)
 class Action:
     """One configfs operation; paths are relative to the nvmet root. For `link` the value
-    is the target's path; for `disconnect` the path is the subsystem and the value the host."""
+    is the target's path; for `fence` and `disconnect` the path is the subsystem and the
+    value the host."""
 
     op: Op
     path: str
@@ -179,9 +184,14 @@ def _subsystem(want: Subsystem, have: Subsystem | None) -> list[Action]:
         actions.append(Action("write", f"{path}/attr_serial", want.serial))
 
     keep = frozenset() if want.allow_any_host else want.allowed_hosts
-    for host in sorted(have.allowed_hosts - keep):
-        actions.append(Action("unlink", f"{path}/allowed_hosts/{host}"))
+    for host in sorted((have.allowed_hosts | have.cutting_off) - keep - want.kept_hosts):
+        if host not in have.cutting_off:
+            actions.append(Action("fence", path, host))
+        if host in have.allowed_hosts:
+            actions.append(Action("unlink", f"{path}/allowed_hosts/{host}"))
         actions.append(Action("disconnect", path, host))
+    for host in sorted(have.allowed_hosts & want.kept_hosts - keep):
+        actions.append(Action("unlink", f"{path}/allowed_hosts/{host}"))
     if want.allow_any_host != have.allow_any_host:
         actions.append(
             Action("write", f"{path}/attr_allow_any_host", str(int(want.allow_any_host)))
