@@ -26,7 +26,10 @@ from flashmesh.lab.vm import Lab, host_nqn, vm_uuid
 pytestmark = pytest.mark.kernel
 
 SMBIOS = "/sys/class/dmi/id/product_uuid"
-CLONE = "/lab/cloned-product-uuid"
+CLONE = f"""mount --bind /lab/cloned-product-uuid {SMBIOS}
+mount --bind /lab/cloned-hostnqn /etc/nvme/hostnqn
+mount --bind /lab/cloned-hostid /etc/nvme/hostid"""
+UNCLONE = f"umount {SMBIOS} /etc/nvme/hostnqn /etc/nvme/hostid"
 
 
 def host_condition(cluster: LocalCluster, vm: str) -> dict[str, Any]:
@@ -51,9 +54,11 @@ def test_a_host_nqn_claimed_by_two_nodes_is_refused_until_resolved(
     kube = agents.kube
     shared = host_nqn(STORAGE0.name)
     gpu1 = host_nqn(GPU1.name)
-    # storage-1 boots as a clone of storage-0 would: the same SMBIOS UUID.
+    # storage-1 boots as a clone of storage-0 would: the same SMBIOS UUID and /etc/nvme.
     (lab.workdir / "cloned-product-uuid").write_text(vm_uuid(STORAGE0.name) + "\n")
-    sh(lab, STORAGE1.name, f"mount --bind {CLONE} {SMBIOS}")
+    (lab.workdir / "cloned-hostnqn").write_text(shared + "\n")
+    (lab.workdir / "cloned-hostid").write_text(vm_uuid(STORAGE0.name) + "\n")
+    sh(lab, STORAGE1.name, CLONE)
     vid = create_volume(kube, "pvc-agent-shared-nqn", [STORAGE1.name], "16Mi", [shared, gpu1])
     nqn = naming.subsystem_nqn(vid, 0, 0)
     try:
@@ -115,7 +120,7 @@ def test_a_host_nqn_claimed_by_two_nodes_is_refused_until_resolved(
         assert refused.rc != 0, refused.output
 
         # Resolved: each node has its own identity again, one CSINode holds GPU-1's NQN.
-        sh(lab, STORAGE1.name, f"umount {SMBIOS}")
+        sh(lab, STORAGE1.name, UNCLONE)
         kube.delete("storage.k8s.io/v1", "CSINode", "gpu-clone-b")
         assert processes.wait_until(
             lambda: sorted(allowed_hosts(lab, STORAGE1.name, nqn)) == sorted([shared, gpu1]), 120
@@ -127,7 +132,7 @@ def test_a_host_nqn_claimed_by_two_nodes_is_refused_until_resolved(
         assert node_status(agents, node_name(STORAGE1.name))["hostNQN"] == host_nqn(STORAGE1.name)
     finally:
         lab.exec(GPU1.name, f"nvme disconnect -n {nqn} >/dev/null", check=False)
-        sh(lab, STORAGE1.name, f"umount {SMBIOS} 2>/dev/null || true")
+        sh(lab, STORAGE1.name, f"{UNCLONE} 2>/dev/null || true")
         for name in ("gpu-clone-a", "gpu-clone-b"):
             kube.delete("storage.k8s.io/v1", "CSINode", name)
     assert delete_and_wait(kube, "Volume", vid)

@@ -328,3 +328,63 @@ def test_a_raw_block_volume_staged_as_a_filesystem_is_refused_and_kept(
         "refused (written as a raw device); sha256 of its first 16 MiB intact each time; "
         "published read-only, a write to the device failed"
     )
+
+
+def test_the_node_connects_with_the_identity_the_hosts_other_connections_use(
+    lab: Lab, driver: Driver, agents: LocalCluster, scenario: Scenario
+) -> None:
+    """GPU-1's /etc/nvme holds the NQN `nvme gen-hostnqn` derives and a random host ID, as
+    Debian's nvme-cli package writes them, and another tool keeps a connection made with
+    that pair. The kernel refuses that NQN with any other host ID (EINVAL): the node
+    plugin must stage with the host's own pair, not one it derives itself."""
+    gpu = GPU1.name
+    other_id = "8590f8cf-31c1-4bee-9572-8d457b808130"
+    sh(lab, gpu, f"cp /etc/nvme/hostid /run/hostid.lab && echo {other_id} > /etc/nvme/hostid")
+    start_node_plugin(lab, agents, gpu)  # reads the identity when it starts
+    other = create(driver, "pvc-csi-other-tool", stripes=1)
+    mine = create(driver, "pvc-csi-own-identity", stripes=1)
+    writer = Mode.SINGLE_NODE_WRITER
+    nqn = ""
+    try:
+        # The other tool: nvme-cli with the host's defaults, on a volume of its own.
+        driver.controller.ControllerPublishVolume(
+            csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=other.volume_id, node_id=host_nqn(gpu),
+                volume_capability=block_cap(writer), volume_context=other.volume_context,
+            ),
+            timeout=600,
+        )  # fmt: skip
+        (segment,) = agents.kube.get(API, "Volume", other.volume_id)["status"]["segments"]
+        nqn, address = segment["subsystemNQN"], segment["endpoints"][0]["address"]
+        sh(lab, gpu, f"nvme connect -t tcp -a {address} -s 4420 -n {nqn} >/dev/null")
+        ids = sh(
+            lab,
+            gpu,
+            "for c in /sys/class/nvme/nvme*; do "
+            f'[ "$(cat $c/subsysnqn)" = {nqn} ] && cat $c/hostid; done; true',
+        )
+        assert ids.split() == [other_id], ids
+        attached = Attached(driver, mine, gpu, writer)
+        sh(lab, gpu, f"echo written > {attached.target}/file && sync")
+        attached.detach()
+    except grpc.RpcError as err:
+        raise AssertionError(f"{err.code()}: {err.details()}\n{logs(lab)}") from None
+    finally:
+        if nqn:
+            lab.exec(gpu, f"nvme disconnect -n {nqn} >/dev/null", check=False)
+        sh(lab, gpu, "cp /run/hostid.lab /etc/nvme/hostid")
+        start_node_plugin(lab, agents, gpu)
+        for volume in (other, mine):
+            driver.controller.ControllerUnpublishVolume(
+                csi_pb2.ControllerUnpublishVolumeRequest(
+                    volume_id=volume.volume_id, node_id=host_nqn(gpu)
+                ),
+                timeout=600,
+            )
+            driver.controller.DeleteVolume(
+                csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id), timeout=600
+            )
+    scenario.done(
+        f"{gpu}'s /etc/nvme pairs its NQN with a random host ID and another connection uses "
+        "that pair: the node plugin staged, wrote and unstaged a volume beside it"
+    )

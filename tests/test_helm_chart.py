@@ -235,6 +235,10 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     host_paths = {v["name"]: v["hostPath"]["path"] for v in node["volumes"]}
     assert host_paths["registration-dir"] == "/var/lib/kubelet/plugins_registry"
     assert host_paths["plugin-dir"] == "/var/lib/kubelet/plugins/csi.flashmesh.dev"
+    # The host's own NVMe identity, read-only, for the node plugin and the agent alike.
+    assert host_paths["etc-nvme"] == "/etc/nvme"
+    etc = [m for m in plugin["volumeMounts"] if m["name"] == "etc-nvme"]
+    assert etc == [{"name": "etc-nvme", "mountPath": "/etc/nvme", "readOnly": True}]
     assert node["nodeSelector"] == {"flashmesh.dev/gpu": "true"}
 
     agent = pod_spec(rendered, "agent")
@@ -252,6 +256,7 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     agent_paths = {v["name"]: v["hostPath"]["path"] for v in agent["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
     assert (agent_paths["cutoffs"], mounts["cutoffs"]) == ("/run/flashmesh", "/run/flashmesh")
+    assert (agent_paths["etc-nvme"], mounts["etc-nvme"]) == ("/etc/nvme", "/etc/nvme")
     fixed = pod_spec(
         helm.template(RELEASE, NS, "--set", "agent.fabricAddress.value=10.77.0.5"), "agent"
     )

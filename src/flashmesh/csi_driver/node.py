@@ -109,16 +109,17 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     @classmethod
     def from_host(cls, fabric: str, namespace: str, kubeconfig: str | None) -> Node:
-        smbios = identity.SMBIOS_UUID.read_text().strip().lower()
+        ident = identity.host_identity()
+        log.info("host NQN %s, host ID %s, from %s", ident.nqn, ident.hostid, ident.source)
         keys = replicas = None
-        host = identity.host_nqn()
+        host = ident.nqn
         if kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
             from flashmesh.csi_driver.replica_status import ReplicaStatus
 
             keys = KeySecrets(namespace, kubeconfig)
             replicas = ReplicaStatus(kubeconfig, host)
         state = Path(os.environ.get("FLASHMESH_NODE_STATE", "/var/lib/flashmesh/node"))
-        return cls(host, smbios, fabric, state, key_source=keys, replica_status=replicas)
+        return cls(host, ident.hostid, fabric, state, key_source=keys, replica_status=replicas)
 
     # --- information ----------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ class Agent:
     # Where the DH-HMAC-CHAP host keys and the node's Lease live.
     namespace: str = "flashmesh-system"
     identity_source: Path = identity.SMBIOS_UUID
+    etc_nvme: Path = identity.ETC_NVME
     resync_every: float = RESYNC_EVERY
     _said: dict[str, str] = field(default_factory=dict)
     _devices: tuple[str, list[BlockDevice]] | None = None
@@ -255,7 +256,7 @@ class Agent:
         those claimed by two nodes, among StorageNodes and the CSI driver's CSINode
         entries."""
         try:
-            own = identity.host_nqn(self.identity_source)
+            own = identity.host_nqn(self.identity_source, self.etc_nvme)
         except identity.IdentityError as exc:
             conditions.append(Condition("HostNQNUnique", "Unknown", "NoIdentity", str(exc)))
             own = None
