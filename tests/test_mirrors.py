@@ -133,3 +133,15 @@ def test_a_link_left_to_a_stopped_array_is_not_an_array(
     mirror.forget("fm-1-s0")
     assert not (dev / "md" / "fm-1-s0").is_symlink()
     assert mirror.kernel_name("fm-1-s0", sys_block) is None
+
+
+def test_only_a_mirror_never_recorded_may_be_created() -> None:
+    """The first stage records every replica; from then on an index whose reachable
+    members hold no md superblock (a replacement LV, a wiped one) is never created again
+    over them, which would make an empty array and then resync the good replica from it."""
+    reachable = {(0, 0), (0, 1), (1, 0), (1, 1)}
+    fresh = mirrors.plan_stage(2, 2, {}, reachable, NODES)
+    assert fresh.creatable == {0, 1}
+    made = {(0, r): mirrors.ReplicaRecord(0, r, True, mirrors.IN_SYNC) for r in (0, 1)}
+    again = mirrors.plan_stage(2, 2, made, reachable, NODES)
+    assert again.creatable == {1}

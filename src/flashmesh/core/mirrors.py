@@ -106,6 +106,10 @@ class StageRefused(Exception):
 class StagePlan:
     assemble: dict[int, list[int]] = field(default_factory=dict)  # index -> replicas to use
     re_add: dict[int, list[int]] = field(default_factory=dict)  # index -> stale, reachable
+    # Indexes whose array was never made: nothing recorded of them. Only these may be
+    # created when no member holds an md superblock; for any other, members without one
+    # are replacements or wiped, and a new array over them would be empty.
+    creatable: frozenset[int] = frozenset()
 
 
 def plan_stage(
@@ -117,7 +121,8 @@ def plan_stage(
 ) -> StagePlan:
     """Which replicas each index's array is assembled from, and which are added back to
     resync; StageRefused names the index and why when none in sync can be reached."""
-    plan = StagePlan()
+    recorded = {key[0] for key in records}
+    plan = StagePlan(creatable=frozenset(set(range(stripe_width)) - recorded))
     for index in range(stripe_width):
         keys = [(index, r) for r in range(replicas)]
         good = [k[1] for k in keys if in_sync(records, k) and k in reachable]

@@ -275,6 +275,16 @@ class Node(csi_pb2_grpc.NodeServicer):
         if state is None:
             mirror.forget(name)  # a link left to an array that is gone
             if not any(mirror.has_superblock(self.runner, d) for d in members):
+                if index not in plan.creatable:
+                    raise _fail(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"volume {vid}: segment {index}'s mirror was made before (its "
+                        "replicas are recorded in the Volume's status), but no replica "
+                        f"reachable now ({', '.join(str(r) for r in plan.assemble[index])}) "
+                        "holds its md superblock: it is not made again over them, which "
+                        "would start an empty array; bring back the storage node of a "
+                        "replica that holds the data",
+                    )
                 absent = ["missing"] * (replicas - len(members))
                 mirror.create(self.runner, name, [*members, *absent])
             else:
