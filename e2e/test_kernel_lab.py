@@ -299,3 +299,78 @@ def test_a_guest_kernel_panic_is_retried_once_and_said(lab: Lab, scenario: Scena
     assert (result, len(calls)) == (GPU, 2)
     assert note == f"; {GPU}'s kernel panicked in sysrq, retries: 1"
     scenario.done(f"a panicked {GPU} was booted again and the attempt retried once")
+
+
+# Four 16 MiB device-mapper devices over one loop device, two named as FlashMesh names its
+# devices (fm-...) and two not; on each pair, a degraded RAID1 and an LVM volume group.
+UDEV_DEVICES = """
+truncate -s 72M /run/udev-test.img
+loop=$(losetup -f --show /run/udev-test.img)
+i=0
+for name in fm-udev-md lab-udev-md fm-udev-lvm lab-udev-lvm; do
+  dmsetup create $name --table "0 32768 linear $loop $((2048 + i * 32768))"; i=$((i + 1))
+done
+udevadm settle
+for kind in fm lab; do
+  mdadm --create /dev/md/$kind-udev --run --quiet --level=1 --raid-devices=2 \\
+    --metadata=1.2 --bitmap=none /dev/mapper/$kind-udev-md missing 2>/dev/null
+  mdadm --stop --quiet /dev/md/$kind-udev
+  vgcreate --quiet ${kind}udevvg /dev/mapper/$kind-udev-lvm >/dev/null
+  lvcreate --quiet -L 4M -n lv ${kind}udevvg >/dev/null
+  vgchange --quiet -an ${kind}udevvg >/dev/null
+done
+# They disappear and come back, as a leg does when its path returns or a node reboots.
+for name in fm-udev-md lab-udev-md fm-udev-lvm lab-udev-lvm; do dmsetup remove $name; done
+udevadm settle
+rm -f /run/lvm/pvs_online/* /run/lvm/vgs_online/*
+i=0
+for name in fm-udev-md lab-udev-md fm-udev-lvm lab-udev-lvm; do
+  dmsetup create $name --table "0 32768 linear $loop $((2048 + i * 32768))"; i=$((i + 1))
+done
+udevadm settle
+"""
+# What holds each device now: an md array the host's udev assembled, an LV it activated.
+UDEV_HOLDERS = """
+for name in fm-udev-md lab-udev-md fm-udev-lvm lab-udev-lvm; do
+  echo "$name $(ls /sys/block/$(basename $(readlink -f /dev/mapper/$name))/holders | wc -l)"
+done
+"""
+UDEV_CLEANUP = """
+for name in fm-udev-md lab-udev-md fm-udev-lvm lab-udev-lvm; do
+  dev=$(basename $(readlink -f /dev/mapper/$name) 2>/dev/null) || continue
+  for md in /sys/block/$dev/holders/md*; do
+    [ -e "$md" ] && mdadm --stop --quiet /dev/${md##*/}
+  done
+done
+vgchange --quiet -an fmudevvg labudevvg >/dev/null 2>&1
+for name in fm-udev-md lab-udev-md fm-udev-lvm lab-udev-lvm; do dmsetup remove $name; done
+losetup -j /run/udev-test.img | cut -d: -f1 | xargs -r losetup -d
+rm -f /run/udev-test.img /etc/udev/rules.d/RULE_NAME
+udevadm control --reload
+"""
+
+
+def test_the_hosts_udev_assembles_and_activates_nothing_of_flashmeshs(
+    lab: Lab, scenario: Scenario
+) -> None:
+    """The VMs run udev with Debian's rules, which start md arrays (mdadm --incremental)
+    and activate LVM volume groups (autoactivation) on every device that shows them. With
+    FlashMesh's rule, its devices are left alone; the same content on a device that is not
+    FlashMesh's is taken as before (so the rule is what makes the difference)."""
+    from flashmesh.dataplane import udev
+
+    sh(lab, GPU, f"cat > /etc/udev/rules.d/{udev.RULES_NAME} <<'RULES'\n{udev.RULES}RULES\n"
+                 "udevadm control --reload")  # fmt: skip
+    try:
+        sh(lab, GPU, UDEV_DEVICES, timeout=300)
+        held = dict(line.split() for line in sh(lab, GPU, UDEV_HOLDERS).strip().splitlines())
+        active = sh(lab, GPU, "lvs --noheadings -o vg_name,lv_active fmudevvg labudevvg")
+    finally:
+        lab.exec(GPU, UDEV_CLEANUP.replace("RULE_NAME", udev.RULES_NAME), check=False)
+    assert held == {"fm-udev-md": "0", "lab-udev-md": "1", "fm-udev-lvm": "0",
+                    "lab-udev-lvm": "1"}, (held, active)  # fmt: skip
+    assert sorted(active.split()) == sorted(["fmudevvg", "labudevvg", "active"]), active
+    scenario.done(
+        "udev with Debian's rules: an md member and an LVM PV named as FlashMesh's devices "
+        "stayed unclaimed, the same on other devices were assembled and activated"
+    )

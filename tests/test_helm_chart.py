@@ -257,6 +257,15 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
     assert (agent_paths["cutoffs"], mounts["cutoffs"]) == ("/run/flashmesh", "/run/flashmesh")
     assert (agent_paths["etc-nvme"], mounts["etc-nvme"]) == ("/etc/nvme", "/etc/nvme")
+    # One LVM per node: the host's IPC, run state and metadata backups; and FlashMesh's
+    # udev rule where the host's udev reads it (see flashmesh.dataplane.udev).
+    assert agent["hostIPC"] is True
+    for name, path in (("lvm-run", "/run/lvm"), ("lvm-backup", "/etc/lvm/backup"),
+                       ("lvm-archive", "/etc/lvm/archive"), ("udev-rules", "/etc/udev/rules.d"),
+                       ("udev", "/run/udev")):  # fmt: skip
+        assert (agent_paths[name], mounts[name]) == (path, path), name
+    plugin_mounts = {m["name"]: m["mountPath"] for m in plugin["volumeMounts"]}
+    assert plugin_mounts["udev-rules"] == host_paths["udev-rules"] == "/etc/udev/rules.d"
     fixed = pod_spec(
         helm.template(RELEASE, NS, "--set", "agent.fabricAddress.value=10.77.0.5"), "agent"
     )

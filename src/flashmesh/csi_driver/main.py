@@ -46,8 +46,10 @@ def run(
         from flashmesh.csi_driver.metrics import watch_paths
         from flashmesh.csi_driver.mirror_monitor import MirrorMonitor
         from flashmesh.csi_driver.node import Node
+        from flashmesh.dataplane.udev import install_rules
 
         watch_paths()
+        install_rules()  # before any FlashMesh device appears on this host
         node = Node.from_host(fabric=fabric, namespace=namespace, kubeconfig=kubeconfig)
         register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
         MirrorMonitor(node).start()  # a daemon thread: ends with the process

@@ -2,8 +2,9 @@
 
 Arrays are named (/dev/md/<volume id>-s<index>) and always assembled from an explicit
 device list, never by scanning, so a node never picks up another volume's members. The
-guest has no udev: mdadm makes the /dev/md/ names itself. The decisions (which members,
-when a replica counts as in sync) are in flashmesh.core.mirrors."""
+host's udev assembles none of them on its own (FlashMesh's rule in dataplane/udev.py), and
+the names hold with or without udev (mdadm makes /dev/md/ links itself). The decisions
+(which members, when a replica counts as in sync) are in flashmesh.core.mirrors."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def kernel_name(name: str, root: Path = SYS_BLOCK) -> str | None:
 
 
 def forget(name: str) -> None:
-    """Removes the /dev/md/<name> link. Without udev mdadm leaves it behind when it stops
-    an array, and the kernel hands the same mdNNN to the next array made."""
+    """Removes the /dev/md/<name> link. Where no udev runs, mdadm leaves it behind when it
+    stops an array, and the kernel hands the same mdNNN to the next array made."""
     with contextlib.suppress(OSError):
         (DEV_MD / name).unlink(missing_ok=True)
 

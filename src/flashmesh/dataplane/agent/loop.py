@@ -17,7 +17,7 @@ from flashmesh.core.drives import BlockDevice, select_drives
 from flashmesh.core.hosts import duplicate_message, refusal_message, shared_host_nqns
 from flashmesh.core.resources import Condition, Endpoint, StorageNode, StoragePool, Volume
 from flashmesh.core.units import parse_bytes
-from flashmesh.dataplane import identity, process, rdma
+from flashmesh.dataplane import identity, process, rdma, udev
 from flashmesh.dataplane.agent import metrics
 from flashmesh.dataplane.agent.cache import AgentCache
 from flashmesh.dataplane.agent.labels import label_own_objects
@@ -341,6 +341,7 @@ def main(
     kube = Kube.from_kubeconfig(kubeconfig, user_agent=agent_name)
     agent = Agent(kube, node, address, namespace=namespace, resync_every=resync)
     agent.stop_on_sigterm()
+    udev.install_rules()  # before any logical volume of a tenant appears on this host
     if once:
         agent.reconcile()
         return 0
