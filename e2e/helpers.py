@@ -99,7 +99,10 @@ def assert_verified(job: dict[str, Any], size: int) -> None:
     assert job["read"]["io_bytes"] == size, job["read"]  # the verify pass
 
 
-# One 4 KiB direct write to {dev}; prints dd's exit code (124: still blocked after 60 s).
+# One 4 KiB direct write to {dev}; prints dd's exit code (124: still blocked after 60 s), or
+# "gone" when the device node is gone (a write there would make a plain file). The script
+# runs under `set -e`: a failing dd must not end it before the code is printed.
 DIRECT_WRITE = (
-    "timeout 60 dd if=/dev/urandom of={dev} bs=4k count=1 oflag=direct 2>/dev/null; echo $?"
+    "if [ -b {dev} ]; then rc=0; timeout 60 dd if=/dev/urandom of={dev} bs=4k count=1 "
+    "oflag=direct 2>/dev/null || rc=$?; echo $rc; else echo gone; fi"
 )

@@ -354,7 +354,9 @@ def test_the_node_connects_with_the_identity_the_hosts_other_connections_use(
             ),
             timeout=600,
         )  # fmt: skip
-        (segment,) = agents.kube.get(API, "Volume", other.volume_id)["status"]["segments"]
+        found = agents.kube.get(API, "Volume", other.volume_id)
+        assert found is not None
+        (segment,) = found["status"]["segments"]
         nqn, address = segment["subsystemNQN"], segment["endpoints"][0]["address"]
         sh(lab, gpu, f"nvme connect -t tcp -a {address} -s 4420 -n {nqn} >/dev/null")
         ids = sh(

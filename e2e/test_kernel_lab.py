@@ -314,7 +314,9 @@ udevadm settle
 for kind in fm lab; do
   mdadm --create /dev/md/$kind-udev --run --quiet --level=1 --raid-devices=2 \\
     --metadata=1.2 --bitmap=none /dev/mapper/$kind-udev-md missing 2>/dev/null
+  udevadm settle
   mdadm --stop --quiet /dev/md/$kind-udev
+  udevadm settle
   vgcreate --quiet ${kind}udevvg /dev/mapper/$kind-udev-lvm >/dev/null
   lvcreate --quiet -L 4M -n lv ${kind}udevvg >/dev/null
   vgchange --quiet -an ${kind}udevvg >/dev/null

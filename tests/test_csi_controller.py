@@ -429,10 +429,11 @@ def test_unpublish_waits_until_no_segment_is_still_cutting_the_host_off(
     published(stub, pool, controller, vid, "fenced", host)
     volume = pool.get(API, "Volume", vid) or {}
 
-    def report(cutting: list[str]) -> None:
+    def report(cutting: list[str], kept: tuple[str, ...] = ()) -> None:
         segments = [
             {"index": s["index"], "replica": s["replica"], "node": s["node"], "ready": True,
-             "hosts": [], **({"cuttingOff": cutting} if cutting else {})}
+             "hosts": [], **({"cuttingOff": cutting} if cutting else {}),
+             **({"keptHosts": list(kept)} if kept else {})}
             for s in volume["spec"]["segments"]
         ]  # fmt: skip
         body = {"status": {"segments": segments}}
@@ -443,6 +444,9 @@ def test_unpublish_waits_until_no_segment_is_still_cutting_the_host_off(
     unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host)
     got, message = code_of(stub[0].ControllerUnpublishVolume, unpublish)
     assert got == Code.DEADLINE_EXCEEDED and "still being cut off" in message, (got, message)
+    # Kept (refused new connections, its session kept) is not cut off either.
+    report([], kept=(host,))
+    assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.DEADLINE_EXCEEDED
     report([])
     assert code_of(stub[0].ControllerUnpublishVolume, unpublish)[0] == Code.OK
 

@@ -266,6 +266,9 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
         assert (agent_paths[name], mounts[name]) == (path, path), name
     plugin_mounts = {m["name"]: m["mountPath"] for m in plugin["volumeMounts"]}
     assert plugin_mounts["udev-rules"] == host_paths["udev-rules"] == "/etc/udev/rules.d"
+    # Not udev's run state: dmsetup and mdadm in the container would then wait for the
+    # host's udev, over an IPC namespace the node plugin does not share.
+    assert "/run/udev" not in plugin_mounts.values()
     fixed = pod_spec(
         helm.template(RELEASE, NS, "--set", "agent.fabricAddress.value=10.77.0.5"), "agent"
     )

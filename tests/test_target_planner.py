@@ -11,7 +11,7 @@ import pytest
 from fake_nvmet import FakeNvmet
 from flashmesh.core import naming
 from flashmesh.dataplane.target.configfs import ConfigfsError, apply, observe
-from flashmesh.dataplane.target.fencing import Cutoffs
+from flashmesh.dataplane.target.fencing import Cutoffs, CutoffsError
 from flashmesh.dataplane.target.model import PORT_ID_BASE, Host, Namespace, Port, Subsystem, Target
 from flashmesh.dataplane.target.planner import Action, plan
 
@@ -142,11 +142,34 @@ def test_a_kept_host_may_not_connect_again_but_keeps_its_controllers() -> None:
     both = target([subsystem(hosts=(HOST_A, HOST_B))], [port()], hosts=(HOST_A, HOST_B))
     kept = target([subsystem(kept_hosts=frozenset({HOST_B}))], [port()])
     assert [str(a) for a in plan(kept, both)] == [
+        f"fence subsystems/{NQN} = {HOST_B}",
         f"unlink subsystems/{NQN}/allowed_hosts/{HOST_B}",
         f"rmdir hosts/{HOST_B}",
     ]
     seen = target([subsystem(cutting_off=frozenset({HOST_B}))], [port()])
     assert plan(kept, seen) == [], "a kept host's live controllers are never cut"
+    # Unpublished while kept: no longer the volume's host, so cut off like any other.
+    assert [str(a) for a in plan(DESIRED, seen)] == [f"disconnect subsystems/{NQN} = {HOST_B}"]
+
+
+def test_a_host_rekeyed_as_it_leaves_a_subsystem_is_still_cut_off() -> None:
+    """Turning authentication off remakes keyed host entries (unlinked everywhere first); a
+    host that leaves one subsystem in the same plan is recorded and cut off there."""
+    keyed = target(
+        [subsystem(hosts=(HOST_A, HOST_B)), subsystem(NQN2, hosts=(HOST_B,))],
+        [port(subsystems=(NQN, NQN2))], hosts=(),
+    )  # fmt: skip
+    keyed.hosts.update({HOST_A: Host(HOST_A, KEY), HOST_B: Host(HOST_B, KEY)})
+    wanted = target(
+        [subsystem(), subsystem(NQN2, hosts=(HOST_B,))], [port(subsystems=(NQN, NQN2))],
+        hosts=(HOST_A, HOST_B),
+    )  # fmt: skip
+    actions = [str(a) for a in plan(wanted, keyed)]
+    fence = actions.index(f"fence subsystems/{NQN} = {HOST_B}")
+    assert fence < actions.index(f"unlink subsystems/{NQN}/allowed_hosts/{HOST_B}")
+    assert f"disconnect subsystems/{NQN} = {HOST_B}" in actions
+    assert f"disconnect subsystems/{NQN2} = {HOST_B}" not in actions
+    assert f"link subsystems/{NQN2}/allowed_hosts/{HOST_B} = hosts/{HOST_B}" in actions
 
 
 def test_a_subsystem_is_unlinked_from_ports_and_emptied_before_removal() -> None:
@@ -348,3 +371,12 @@ def test_debugfs_names_the_hosts_still_connected(tmp_path: Path) -> None:
 def converge_with(fs: FakeNvmet, desired: Target, cutoffs: Cutoffs) -> None:
     apply(fs, plan(desired, observe(fs, cutoffs)), cutoffs)
     assert plan(desired, observe(fs, cutoffs)) == [], "a second plan must have nothing to do"
+
+
+def test_an_unreadable_record_stops_the_plan_instead_of_forgetting_cut_offs(
+    tmp_path: Path,
+) -> None:
+    record = tmp_path / "cutoffs.json"
+    record.write_text("[1, 2]")
+    with pytest.raises(CutoffsError, match="unreadable"):
+        Cutoffs(record).pending()

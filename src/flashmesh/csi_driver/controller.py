@@ -761,11 +761,14 @@ def _set_published(data: dict[str, Any], published: dict[str, Any]) -> None:
 
 def host_not_cut_off(volume: Volume | None, host: str) -> str | None:
     """Whether an agent still reports the host allowed on a segment, or still being cut off
-    (its live controllers not known to be ended); a segment never exported never let it in."""
+    or kept (its live controllers not known to be ended); a segment never exported never let
+    it in."""
     statuses = (volume.status.segments if volume and volume.status else None) or []
     allowed = [f"{s.index}/{s.replica} on {s.node}" for s in statuses if host in (s.hosts or [])]
     cutting = [
-        f"{s.index}/{s.replica} on {s.node}" for s in statuses if host in (s.cutting_off or [])
+        f"{s.index}/{s.replica} on {s.node}"
+        for s in statuses
+        if host in (s.cutting_off or []) or host in (s.kept_hosts or [])
     ]
     if allowed:
         return f"{host} still allowed on segment(s) {', '.join(allowed)}"

@@ -8,14 +8,19 @@ appears on a GPU node is grabbed by an inactive md127 (NodeStage's assembly then
 "busy"), and a tenant's nested volume group is activated on a storage node's thin volume
 (unstage and delete then fail "busy").
 
-The node plugin and the agent therefore install one rule that marks FlashMesh's devices as
-claimed, the way multipath-tools marks its path devices: SYSTEMD_READY=0 (md's rules skip
-the device) and DM_MULTIPATH_DEVICE_PATH=1 (LVM's rules skip it). It runs after the
-persistent-storage rules and before md's and LVM's, and matches:
+The node plugin and the agent therefore install one rule that hides what md's and LVM's
+rules look for on FlashMesh's devices: where blkid found an md member or an LVM physical
+volume (ID_FS_TYPE), the rule moves it to FLASHMESH_ID_FS_TYPE and clears ID_FS_TYPE, which
+is the first thing both rule files test. Nothing else about the device changes: it stays
+ready for systemd (multipath-tools' SYSTEMD_READY=0 would also do, but systemd may then
+stop a mount on the device, and FlashMesh mounts its namespaces and arrays). FlashMesh
+itself reads signatures with its own low-level probe, never from udev's database. The rule
+runs after the persistent-storage rules and md's array rules (which set ID_FS_TYPE and
+MD_NAME) and before md's assembly and LVM's rules, and matches:
 - NVMe namespaces of FlashMesh subsystems (the subsystem NQN's prefix);
 - device-mapper devices FlashMesh makes: its pools' logical volumes (flashmesh--<pool>-...)
   and the node plugin's stripes and crypt devices (fm-...);
-- md arrays FlashMesh assembles (named fm-...).
+- md arrays FlashMesh assembles (named fm-..., with no home host).
 """
 
 from __future__ import annotations
@@ -34,21 +39,25 @@ log = logging.getLogger(__name__)
 
 RULES_DIR = Path("/etc/udev/rules.d")
 # Before 64-md-raid-assembly.rules ("64-f" sorts before "64-m") and 69-lvm.rules, after
-# 60-persistent-storage.rules (ID_FS_TYPE) and 63-md-raid-arrays.rules (MD_DEVNAME).
+# 60-persistent-storage.rules (ID_FS_TYPE) and 63-md-raid-arrays.rules (MD_NAME).
 RULES_NAME = "64-flashmesh.rules"
+# What md's assembly rule (linux_raid_member, and the ddf and isw containers it also
+# assembles) and LVM's rule (LVM2_member) act on.
+_MEMBER_TYPES = "linux_raid_member|ddf_raid_member|isw_raid_member|LVM2_member"
 RULES = f"""\
 # Written by FlashMesh's node plugin and agent (flashmesh.dataplane.udev); rewritten when
-# they start. FlashMesh's devices are claimed: the host assembles no md array and
-# activates no LVM volume group found on them.
+# they start. On FlashMesh's devices the host assembles no md array and activates no LVM
+# volume group: the signature md's and LVM's rules look for is moved out of ID_FS_TYPE.
 SUBSYSTEM!="block", GOTO="flashmesh_end"
 ACTION=="remove", GOTO="flashmesh_end"
+ENV{{ID_FS_TYPE}}!="{_MEMBER_TYPES}", GOTO="flashmesh_end"
 KERNEL=="nvme*n*", ATTRS{{subsysnqn}}=="{NQN_PREFIX}*", GOTO="flashmesh_claim"
 KERNEL=="dm-*", ENV{{DM_NAME}}=="flashmesh--*|fm-*", GOTO="flashmesh_claim"
-KERNEL=="md*", ENV{{MD_DEVNAME}}=="fm-*", GOTO="flashmesh_claim"
+KERNEL=="md*", ENV{{MD_NAME}}=="fm-*", GOTO="flashmesh_claim"
 GOTO="flashmesh_end"
 LABEL="flashmesh_claim"
-ENV{{SYSTEMD_READY}}="0"
-ENV{{DM_MULTIPATH_DEVICE_PATH}}="1"
+ENV{{FLASHMESH_ID_FS_TYPE}}="$env{{ID_FS_TYPE}}"
+ENV{{ID_FS_TYPE}}=""
 LABEL="flashmesh_end"
 """
 _CONTROL = Path("/run/udev/control")
@@ -64,13 +73,16 @@ def install_rules(rules_dir: Path = RULES_DIR, runner: Runner = process.run) -> 
     with contextlib.suppress(OSError):
         if path.read_text() == RULES:
             return False
-    temp = path.with_name(f".{RULES_NAME}.tmp")
+    # The node plugin and the agent of one node may both write at once: each its own
+    # temporary file, each rename atomic, the same content either way.
+    temp = path.with_name(f".{RULES_NAME}.{os.getpid()}.tmp")
     temp.write_text(RULES)
     os.replace(temp, path)
     log.info("udev rule %s installed: FlashMesh's devices are not auto-assembled", path)
+    # udevd also notices changed rule folders on its own, before the events that follow.
     if _CONTROL.exists() and shutil.which("udevadm"):
         try:
             process.check(runner, ["udevadm", "control", "--reload"])
-        except CommandError as exc:  # udevd also reloads on its own when rules change
-            log.warning("udev did not reload its rules: %s", exc)
+        except CommandError as exc:
+            log.info("udev not told to reload (it will notice the rule itself): %s", exc)
     return True

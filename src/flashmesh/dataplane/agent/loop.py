@@ -131,8 +131,11 @@ class Agent:
         between two of its steps could leave a host unlinked but still connected, or a
         volume half made. Safe to call from a signal handler."""
         self._stopping.set()
-        if self._cache is not None:
-            self._cache.wake.set()
+        cache = self._cache
+        if cache is not None:
+            # Not set() here: a signal handler runs on the main thread, which may hold the
+            # Event's (non-reentrant) lock at that moment, inside wait() or clear().
+            threading.Thread(target=cache.wake.set, name="stop", daemon=True).start()
 
     def stop_on_sigterm(self) -> None:
         """SIGTERM (a pod deleted, a DaemonSet rolled out) stops the agent between passes."""

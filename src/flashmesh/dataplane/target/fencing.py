@@ -31,6 +31,10 @@ CUTOFFS = Path("/run/flashmesh/cutoffs.json")
 NVMET_DEBUGFS = Path("/sys/kernel/debug/nvmet")
 
 
+class CutoffsError(RuntimeError):
+    pass
+
+
 class Cutoffs:
     """The persisted set of (subsystem NQN, host NQN) cut-offs not yet done."""
 
@@ -38,14 +42,19 @@ class Cutoffs:
         self.path = path
 
     def pending(self) -> dict[str, frozenset[str]]:
-        """Subsystem NQN -> the hosts being cut off from it."""
+        """Subsystem NQN -> the hosts being cut off from it (or kept: see the planner)."""
         try:
             data = json.loads(self.path.read_text())
+            return {str(nqn): frozenset(map(str, hosts)) for nqn, hosts in data.items() if hosts}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError):  # a torn file is impossible (rename); be safe anyway
-            return {}
-        return {nqn: frozenset(hosts) for nqn, hosts in data.items() if hosts}
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            # Written by rename, so never torn; if unreadable all the same, no cut-off may be
+            # taken as done: nothing is planned until a person looks.
+            raise CutoffsError(
+                f"{self.path}: {exc}: the record of hosts being cut off is unreadable; check "
+                "the subsystems' hosts by hand (nvmet configfs), then remove the file"
+            ) from exc
 
     def add(self, nqn: str, host: str) -> None:
         data = self.pending()

@@ -18,7 +18,8 @@ subsystem also ends the host's live controllers: `fence` records the cut-off bef
 unlink, `disconnect` ends the controllers and clears the record. A host observed as still
 being cut off (recorded, or listed by nvmet's debugfs) is disconnected on every plan until
 it is not: an agent stopped between two steps finishes the cut-off on its next pass. A kept
-host (refused new connections only) is unlinked and keeps its live controllers.
+host (refused new connections only) is recorded and unlinked but keeps its live
+controllers, until it is kept no longer: then it is allowed again, or cut off.
 
 Only FlashMesh's own subsystems (by NQN prefix) and ports (by id range) are changed;
 anything else found in the tree is left as it is.
@@ -152,9 +153,19 @@ def _remake_unkeyed_hosts(desired: Target, observed: Target) -> tuple[list[Actio
     subsystems = dict(observed.subsystems)
     for nqn in sorted(subsystems):
         sub = subsystems[nqn]
+        want = desired.subsystems.get(nqn)
+        leaving = set()
         for host in sorted(sub.allowed_hosts.intersection(stale)):
+            # A host leaving this subsystem in the same plan is recorded as being cut off
+            # before this unlink, as _subsystem would: it then ends its controllers.
+            if want is not None and not want.allow_any_host and host not in want.allowed_hosts:
+                leaving.add(host)
+                if host not in sub.cutting_off:
+                    actions.append(Action("fence", subsystem_path(nqn), host))
             actions.append(Action("unlink", f"{subsystem_path(nqn)}/allowed_hosts/{host}"))
-        subsystems[nqn] = dataclasses.replace(sub, allowed_hosts=sub.allowed_hosts - set(stale))
+        subsystems[nqn] = dataclasses.replace(
+            sub, allowed_hosts=sub.allowed_hosts - set(stale), cutting_off=sub.cutting_off | leaving
+        )
     actions += [Action("rmdir", host_path(nqn)) for nqn in stale]
     hosts = {nqn: h for nqn, h in observed.hosts.items() if nqn not in stale}
     return actions, dataclasses.replace(observed, subsystems=subsystems, hosts=hosts)
@@ -184,14 +195,13 @@ def _subsystem(want: Subsystem, have: Subsystem | None) -> list[Action]:
         actions.append(Action("write", f"{path}/attr_serial", want.serial))
 
     keep = frozenset() if want.allow_any_host else want.allowed_hosts
-    for host in sorted((have.allowed_hosts | have.cutting_off) - keep - want.kept_hosts):
-        if host not in have.cutting_off:
+    for host in sorted((have.allowed_hosts | have.cutting_off) - keep):
+        if host not in have.cutting_off:  # recorded first: it may still be connected
             actions.append(Action("fence", path, host))
         if host in have.allowed_hosts:
             actions.append(Action("unlink", f"{path}/allowed_hosts/{host}"))
-        actions.append(Action("disconnect", path, host))
-    for host in sorted(have.allowed_hosts & want.kept_hosts - keep):
-        actions.append(Action("unlink", f"{path}/allowed_hosts/{host}"))
+        if host not in want.kept_hosts:
+            actions.append(Action("disconnect", path, host))
     if want.allow_any_host != have.allow_any_host:
         actions.append(
             Action("write", f"{path}/attr_allow_any_host", str(int(want.allow_any_host)))
