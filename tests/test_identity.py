@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flashmesh.dataplane.identity import IdentityError, host_identity
+from flashmesh.dataplane.identity import IdentityError, host_identity, kept_identity
 
 SMBIOS = "4C4C4544-0042-3510-8052-B4C04F4E4D32"
 DERIVED = f"nqn.2014-08.org.nvmexpress:uuid:{SMBIOS.lower()}"
@@ -15,6 +15,7 @@ RANDOM_ID = "8590f8cf-31c1-4bee-9572-8d457b808130"
 
 
 def machine(tmp_path: Path, hostnqn: str | None = None, hostid: str | None = None) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "product_uuid").write_text(SMBIOS + "\n")
     (tmp_path / "etc").mkdir()
     (tmp_path / "nvme").mkdir()
@@ -77,3 +78,32 @@ def test_no_identity_at_all_is_an_error_naming_both_sources(tmp_path: Path) -> N
     (root / "product_uuid").unlink()
     with pytest.raises(IdentityError, match=r"product_uuid.*/etc/nvme"):
         identity(root)
+
+
+def kept(root: Path, upgraded: bool = False) -> tuple[str, str]:
+    found = kept_identity(
+        root / "state" / "identity.json", upgraded, root / "product_uuid", root / "etc",
+        root / "nvme",
+    )  # fmt: skip
+    return found.nqn, found.hostid
+
+
+def test_the_node_keeps_the_identity_it_started_with(tmp_path: Path) -> None:
+    """A CSI node ID must not change while volumes are published to it: /etc/nvme edited
+    (or made) later changes nothing."""
+    root = machine(tmp_path)
+    assert kept(root) == (DERIVED, SMBIOS.lower())
+    other = "nqn.2014-08.org.nvmexpress:uuid:97745041-d4ca-4361-a4d8-5a7f806e5cee"
+    (root / "etc" / "hostnqn").write_text(other + "\n")
+    (root / "etc" / "hostid").write_text(RANDOM_ID + "\n")
+    assert kept(root) == (DERIVED, SMBIOS.lower())
+
+
+def test_a_node_upgraded_with_volumes_staged_keeps_its_smbios_nqn(tmp_path: Path) -> None:
+    """Before /etc/nvme was read the NQN came from the SMBIOS UUID alone: a node with
+    volumes staged keeps it, whatever /etc/nvme says."""
+    other = "nqn.2014-08.org.nvmexpress:uuid:97745041-d4ca-4361-a4d8-5a7f806e5cee"
+    root = machine(tmp_path, other, RANDOM_ID)
+    assert kept(root, upgraded=True) == (DERIVED, SMBIOS.lower())
+    fresh = machine(tmp_path / "fresh", other, RANDOM_ID)
+    assert kept(fresh) == (other, RANDOM_ID)

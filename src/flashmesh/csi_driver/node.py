@@ -109,7 +109,9 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     @classmethod
     def from_host(cls, fabric: str, namespace: str, kubeconfig: str | None) -> Node:
-        ident = identity.host_identity()
+        state = Path(os.environ.get("FLASHMESH_NODE_STATE", "/var/lib/flashmesh/node"))
+        staged = state.is_dir() and any(state.glob("fm-*.json"))
+        ident = identity.kept_identity(state / "identity.json", upgraded=staged)
         log.info("host NQN %s, host ID %s, from %s", ident.nqn, ident.hostid, ident.source)
         keys = replicas = None
         host = ident.nqn
@@ -118,7 +120,6 @@ class Node(csi_pb2_grpc.NodeServicer):
 
             keys = KeySecrets(namespace, kubeconfig)
             replicas = ReplicaStatus(kubeconfig, host)
-        state = Path(os.environ.get("FLASHMESH_NODE_STATE", "/var/lib/flashmesh/node"))
         return cls(host, ident.hostid, fabric, state, key_source=keys, replica_status=replicas)
 
     # --- information ----------------------------------------------------------------------

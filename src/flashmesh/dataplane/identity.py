@@ -15,6 +15,7 @@ taken: never a pair the kernel refuses. Two nodes that share an identity (a clon
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +43,44 @@ class HostIdentity:
 def host_identity(
     smbios: Path = SMBIOS_UUID, etc: Path = ETC_NVME, controllers: Path = NVME_CLASS
 ) -> HostIdentity:
-    found = _from_etc(etc) or _from_smbios(smbios)
+    return _kernel_paired(_from_etc(etc) or _from_smbios(smbios), controllers)
+
+
+def _kernel_paired(found: HostIdentity, controllers: Path) -> HostIdentity:
     known = _kernel_hostid(found.nqn, controllers)
     if known and known != found.hostid:
         return HostIdentity(
             found.nqn, known, f"{found.source}, with the host ID the kernel pairs with it"
         )
+    return found
+
+
+def kept_identity(
+    record: Path,
+    upgraded: bool,
+    smbios: Path = SMBIOS_UUID,
+    etc: Path = ETC_NVME,
+    controllers: Path = NVME_CLASS,
+) -> HostIdentity:
+    """The node plugin's identity, the same for the node's whole life: a CSI node ID must
+    not change while volumes are published to it (ControllerUnpublish names it). Read from
+    `record` when there; otherwise chosen now and written there. `upgraded`: the node has
+    staged volumes but no record (a FlashMesh that derived its NQN from the SMBIOS UUID
+    alone): it keeps that NQN. The host ID may still follow the kernel's pairing."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads(record.read_text())
+        nqn, hostid = str(data["nqn"]), _uuid(str(data["hostid"]))
+        if nqn.startswith("nqn.") and hostid:
+            found = HostIdentity(nqn, hostid, f"{record}, as chosen when this node started")
+            return _kernel_paired(found, controllers)
+    if upgraded:
+        found = _kernel_paired(_from_smbios(smbios), controllers)
+    else:
+        found = host_identity(smbios, etc, controllers)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    temp = record.with_suffix(".tmp")
+    temp.write_text(json.dumps({"nqn": found.nqn, "hostid": found.hostid, "source": found.source}))
+    temp.replace(record)
     return found
 
 
