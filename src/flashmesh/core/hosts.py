@@ -20,9 +20,10 @@ def duplicate_message(nqn: str, node: str, nodes: list[str]) -> str:
     """What a person reads on a node whose host NQN another node also claims."""
     others = ", ".join(n for n in nodes if n != node)
     return (
-        f"host NQN {nqn} is also claimed by {others}: give each node a distinct SMBIOS UUID "
-        "(/sys/class/dmi/id/product_uuid); this host NQN may connect to no volume until "
-        "only one node claims it (connections it has are kept)"
+        f"host NQN {nqn} is also claimed by {others}: give each node its own "
+        "/etc/nvme/hostnqn and hostid (a cloned image carries them; `nvme gen-hostnqn`) and "
+        "a distinct SMBIOS UUID (/sys/class/dmi/id/product_uuid); this host NQN may connect "
+        "to no volume until only one node claims it (connections it has are kept)"
     )
 
 
