@@ -365,9 +365,6 @@ class Lab:
             "panic=-1",
             "quiet",
             "loglevel=4",
-            # udev runs in the guest: its interfaces keep the kernel's names (eth0, eth1),
-            # which stage 2 configures.
-            "net.ifnames=0",
             f"lab.name={spec.name}",
             f"lab.modules={k.modules}",
             f"lab.stage2={STAGE2}",
