@@ -38,7 +38,9 @@ def host_condition(cluster: LocalCluster, vm: str) -> dict[str, Any]:
 
 
 def allowed_hosts(lab: Lab, vm: str, nqn: str) -> list[str]:
-    return sh(lab, vm, f"ls /sys/kernel/config/nvmet/subsystems/{nqn}/allowed_hosts").split()
+    """The subsystem's allowed hosts ([] while the agent has not made it yet)."""
+    folder = f"/sys/kernel/config/nvmet/subsystems/{nqn}/allowed_hosts"
+    return sh(lab, vm, f"ls {folder} 2>/dev/null || true").split()
 
 
 def csinode(name: str, node_id: str) -> dict[str, Any]:

@@ -304,6 +304,7 @@ def test_a_guest_kernel_panic_is_retried_once_and_said(lab: Lab, scenario: Scena
 # Four 16 MiB device-mapper devices over one loop device, two named as FlashMesh names its
 # devices (fm-...) and two not; on each pair, a degraded RAID1 and an LVM volume group.
 UDEV_DEVICES = """
+modprobe loop
 truncate -s 72M /run/udev-test.img
 loop=$(losetup -f --show /run/udev-test.img)
 i=0
