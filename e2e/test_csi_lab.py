@@ -358,7 +358,11 @@ def test_the_node_connects_with_the_identity_the_hosts_other_connections_use(
         assert found is not None
         (segment,) = found["status"]["segments"]
         nqn, address = segment["subsystemNQN"], segment["endpoints"][0]["address"]
-        sh(lab, gpu, f"nvme connect -t tcp -a {address} -s 4420 -n {nqn} >/dev/null")
+        sh(
+            lab,
+            gpu,
+            f"modprobe nvme-tcp\nnvme connect -t tcp -a {address} -s 4420 -n {nqn} >/dev/null",
+        )
         ids = sh(
             lab,
             gpu,
