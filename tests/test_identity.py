@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from flashmesh.dataplane.identity import IdentityError, host_identity, kept_identity
+from flashmesh.dataplane.identity import (
+    IdentityError,
+    host_id_now,
+    host_identity,
+    kept_identity,
+)
 
 SMBIOS = "4C4C4544-0042-3510-8052-B4C04F4E4D32"
 DERIVED = f"nqn.2014-08.org.nvmexpress:uuid:{SMBIOS.lower()}"
@@ -107,3 +112,19 @@ def test_a_node_upgraded_with_volumes_staged_keeps_its_smbios_nqn(tmp_path: Path
     assert kept(root, upgraded=True) == (DERIVED, SMBIOS.lower())
     fresh = machine(tmp_path / "fresh", other, RANDOM_ID)
     assert kept(fresh) == (other, RANDOM_ID)
+
+
+def test_each_connect_takes_the_host_id_the_host_uses_now(tmp_path: Path) -> None:
+    """/etc/nvme written after the node plugin started, or another tool connected with the
+    NQN: the next connect pairs the NQN as they do (the kernel refuses two host IDs)."""
+    root = machine(tmp_path)
+    chosen = SMBIOS.lower()
+    assert host_id_now(DERIVED, chosen, root / "etc", root / "nvme") == chosen
+    (root / "etc" / "hostnqn").write_text(DERIVED + "\n")
+    (root / "etc" / "hostid").write_text(RANDOM_ID + "\n")
+    assert host_id_now(DERIVED, chosen, root / "etc", root / "nvme") == RANDOM_ID
+    ctrl = root / "nvme" / "nvme2"
+    ctrl.mkdir()
+    (ctrl / "hostnqn").write_text(DERIVED + "\n")
+    (ctrl / "hostid").write_text(chosen + "\n")
+    assert host_id_now(DERIVED, chosen, root / "etc", root / "nvme") == chosen

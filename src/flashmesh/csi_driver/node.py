@@ -102,6 +102,8 @@ class Node(csi_pb2_grpc.NodeServicer):
     # This host's DH-HMAC-CHAP key when the pool asks for authentication (from a Secret).
     key_source: Any = None
     max_volumes: int = 128
+    # The host's own NVMe identity files (see dataplane/identity.py).
+    etc_nvme: Path = identity.ETC_NVME
     locks: VolumeLocks = field(default_factory=VolumeLocks)
     # Reads and writes mirrored Volumes' replica records (None: no API access, so no
     # mirrored volume can be staged here).
@@ -111,7 +113,8 @@ class Node(csi_pb2_grpc.NodeServicer):
     def from_host(cls, fabric: str, namespace: str, kubeconfig: str | None) -> Node:
         state = Path(os.environ.get("FLASHMESH_NODE_STATE", "/var/lib/flashmesh/node"))
         staged = state.is_dir() and any(state.glob("fm-*.json"))
-        ident = identity.kept_identity(state / "identity.json", upgraded=staged)
+        # Not a .json: the folder's *.json are the staged volumes.
+        ident = identity.kept_identity(state / "host-identity", upgraded=staged)
         log.info("host NQN %s, host ID %s, from %s", ident.nqn, ident.hostid, ident.source)
         keys = replicas = None
         host = ident.nqn
@@ -376,7 +379,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                 port,
                 nqn,
                 self.host_nqn,
-                self.host_id,
+                identity.host_id_now(self.host_nqn, self.host_id, self.etc_nvme),
                 ctrl_loss_tmo=t.ctrl_loss_tmo,
                 reconnect_delay=t.reconnect_delay,
                 fast_io_fail_tmo=t.fast_io_fail_tmo,

@@ -84,6 +84,21 @@ def kept_identity(
     return found
 
 
+def host_id_now(nqn: str, chosen: str, etc: Path = ETC_NVME, controllers: Path = NVME_CLASS) -> str:
+    """The host ID to connect with now: the one the kernel pairs with the NQN, if any (it
+    refuses any other); else /etc/nvme's, when /etc/nvme/hostnqn is this NQN (the host's
+    other tools connect with that pair, and would be refused after FlashMesh connected
+    with another); else the one chosen at start. Read at every connect: /etc/nvme may be
+    written after the node plugin started."""
+    known = _kernel_hostid(nqn, controllers)
+    if known:
+        return known
+    mine = _from_etc(etc)
+    if mine is not None and mine.nqn == nqn:
+        return mine.hostid
+    return chosen
+
+
 def host_nqn(smbios: Path = SMBIOS_UUID, etc: Path = ETC_NVME) -> str:
     return host_identity(smbios, etc).nqn
 
