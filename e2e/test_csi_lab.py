@@ -339,8 +339,8 @@ def test_the_node_connects_with_the_identity_the_hosts_other_connections_use(
     plugin must stage with the host's own pair, not one it derives itself."""
     gpu = GPU1.name
     other_id = "8590f8cf-31c1-4bee-9572-8d457b808130"
+    # Written while the node plugin runs: it reads the pair again at every connect.
     sh(lab, gpu, f"cp /etc/nvme/hostid /run/hostid.lab && echo {other_id} > /etc/nvme/hostid")
-    start_node_plugin(lab, agents, gpu)  # reads the identity when it starts
     other = create(driver, "pvc-csi-other-tool", stripes=1)
     mine = create(driver, "pvc-csi-own-identity", stripes=1)
     writer = Mode.SINGLE_NODE_WRITER
@@ -379,7 +379,6 @@ def test_the_node_connects_with_the_identity_the_hosts_other_connections_use(
         if nqn:
             lab.exec(gpu, f"nvme disconnect -n {nqn} >/dev/null", check=False)
         sh(lab, gpu, "cp /run/hostid.lab /etc/nvme/hostid")
-        start_node_plugin(lab, agents, gpu)
         for volume in (other, mine):
             driver.controller.ControllerUnpublishVolume(
                 csi_pb2.ControllerUnpublishVolumeRequest(
