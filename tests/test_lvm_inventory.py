@@ -115,7 +115,7 @@ def test_a_new_volume_group_gets_its_drives_and_a_zeroing_thin_pool() -> None:
     with pytest.raises(lvm.LvmError):
         tool.ensure_thin_pool("flashmesh-slow")
     assert rec.changes() == [
-        "vgcreate flashmesh-slow /dev/nvme0n1 /dev/nvme2n1",
+        "vgcreate --setautoactivation n flashmesh-slow /dev/nvme0n1 /dev/nvme2n1",
         "lvcreate --yes --type thin-pool --zero y --extents 95%FREE --name thin flashmesh-slow",
     ]
 

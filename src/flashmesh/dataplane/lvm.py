@@ -187,7 +187,10 @@ class Lvm:
         if self.volume_group(vg) is None:
             if not new:
                 raise LvmError(f"volume group {vg} needs at least one drive")
-            self._run("vgcreate", vg, *new)
+            # Not autoactivated by the host at boot: the agent activates it itself, after
+            # installing the udev rule that keeps the host's md and LVM off its volumes
+            # (activated before, a mirror leg would be grabbed by an md127 on the host).
+            self._run("vgcreate", "--setautoactivation", "n", vg, *new)
         elif new:
             self._run("vgextend", vg, *new)
         # After a reboot its volumes are inactive: activate them (once, not every pass).
