@@ -366,6 +366,11 @@ def test_debugfs_names_the_hosts_still_connected(tmp_path: Path) -> None:
         (debugfs / NQN / ctrl / "hostnqn").write_text(host + "\n")
     seen = observe(fs, Cutoffs(tmp_path / "none.json"), debugfs)
     assert seen.subsystems[NQN].cutting_off == {HOST_B}
+    # The cut-off ends that host's controller alone, and no port link changes.
+    apply(fs, plan(DESIRED, seen), Cutoffs(tmp_path / "none.json"), debugfs)
+    assert (debugfs / NQN / "ctrl2" / "state").read_text() == "fatal"
+    assert not (debugfs / NQN / "ctrl1" / "state").exists()
+    assert observe(fs).ports[PORT].subsystems == {NQN}
 
 
 def converge_with(fs: FakeNvmet, desired: Target, cutoffs: Cutoffs) -> None:

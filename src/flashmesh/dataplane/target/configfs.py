@@ -12,7 +12,13 @@ import os
 from pathlib import Path
 
 from flashmesh.dataplane import faults
-from flashmesh.dataplane.target.fencing import NVMET_DEBUGFS, Cutoffs, NoCutoffs, connected_hosts
+from flashmesh.dataplane.target.fencing import (
+    NVMET_DEBUGFS,
+    Cutoffs,
+    NoCutoffs,
+    connected_hosts,
+    controllers,
+)
 from flashmesh.dataplane.target.model import Host, Namespace, Port, Subsystem, Target
 from flashmesh.dataplane.target.planner import Action, subsystem_path
 
@@ -159,15 +165,12 @@ def disconnect(fs: Fs, nqn: str, host: str, debugfs: Path = NVMET_DEBUGFS) -> st
     alone. Without it, the subsystem is unlinked from its ports and linked again, which
     drops every controller of that subsystem; the hosts still allowed reconnect by
     themselves (within their reconnect delay), the removed one is refused."""
-    controllers = debugfs / nqn
-    if controllers.is_dir():
-        ended = 0
-        for ctrl in sorted(controllers.glob("ctrl*")):
-            hostnqn = ctrl / "hostnqn"
-            if hostnqn.exists() and hostnqn.read_text().strip() == host:
-                (ctrl / "state").write_text("fatal")
-                ended += 1
-        return f"ended {ended} controller(s) of {host} through debugfs"
+    found = controllers(nqn, debugfs)
+    if found is not None:
+        ended = [ctrl for ctrl, hostnqn in found.items() if hostnqn == host]
+        for ctrl in ended:
+            (ctrl / "state").write_text("fatal")
+        return f"ended {len(ended)} controller(s) of {host} through debugfs"
     relinked = 0
     for port_id in fs.names("ports"):
         link = f"ports/{port_id}/subsystems/{nqn}"

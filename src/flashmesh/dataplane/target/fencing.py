@@ -95,14 +95,21 @@ class NoCutoffs(Cutoffs):
         pass
 
 
-def connected_hosts(nqn: str, debugfs: Path = NVMET_DEBUGFS) -> frozenset[str] | None:
-    """The host NQNs with a controller on the subsystem, from nvmet's debugfs; None where
-    the kernel does not tell."""
+def controllers(nqn: str, debugfs: Path = NVMET_DEBUGFS) -> dict[Path, str] | None:
+    """Each controller's folder on the subsystem and its host NQN, from nvmet's debugfs;
+    None where the kernel does not tell."""
     folder = debugfs / nqn
     if not folder.is_dir():
         return None
-    hosts = set()
-    for ctrl in folder.glob("ctrl*"):
+    found = {}
+    for ctrl in sorted(folder.glob("ctrl*")):
         with contextlib.suppress(OSError):
-            hosts.add((ctrl / "hostnqn").read_text().strip())
-    return frozenset(hosts)
+            found[ctrl] = (ctrl / "hostnqn").read_text().strip()
+    return found
+
+
+def connected_hosts(nqn: str, debugfs: Path = NVMET_DEBUGFS) -> frozenset[str] | None:
+    """The host NQNs with a controller on the subsystem; None where the kernel does not
+    tell."""
+    found = controllers(nqn, debugfs)
+    return None if found is None else frozenset(found.values())
