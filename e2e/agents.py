@@ -105,7 +105,8 @@ def run_agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
     kube.create({
         "apiVersion": API, "kind": "StoragePool", "metadata": {"name": POOL},
         "spec": {"nodeSelector": {"matchLabels": {"pool": POOL}},
-                 "drives": {"pathPatterns": ["/dev/nvme*n1"], "minSize": "900Mi"},
+                 # The default drive patterns: udev's /dev/disk/by-id names.
+                 "drives": {"minSize": "900Mi"},
                  "transports": ["rdma", "tcp"]},
     })  # fmt: skip
     if kube.get("v1", "Namespace", NAMESPACE) is None:

@@ -3,8 +3,10 @@ states become the Volume's replica records and its ReplicasInSync condition."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -71,9 +73,83 @@ def test_records_follow_md_and_keep_their_first_message() -> None:
     assert "I/O goes on without it" in first[(0, 1)].message
     assert mirrors.record(0, states, first) == first  # unchanged: nothing to write
     resync = mirrors.record(0, {0: IN_SYNC, 1: RECOVERING}, first, 42.0)
-    assert resync[(0, 1)] == ReplicaRecord(0, 1, False, RECOVERING, "resyncing: 42% resynced")
+    assert resync[(0, 1)] == ReplicaRecord(
+        0, 1, False, RECOVERING, "resyncing: 42% resynced", generation=1
+    )
     back = mirrors.record(0, {0: IN_SYNC, 1: IN_SYNC}, resync)
     assert all(r.in_sync for r in back.values())
+
+
+def test_a_membership_change_raises_the_generation_and_records_mds_event_count() -> None:
+    both = mirrors.record(0, {0: IN_SYNC, 1: IN_SYNC}, {}, events=10)
+    assert {(r.events, r.generation) for r in both.values()} == {(10, 1)}
+    # md's count moves on with every superblock write: that alone rewrites nothing.
+    assert mirrors.record(0, {0: IN_SYNC, 1: IN_SYNC}, both, events=57) == both
+    degraded = mirrors.record(0, {0: IN_SYNC, 1: FAULTY}, both, events=60)
+    assert {(r.events, r.generation) for r in degraded.values()} == {(60, 2)}
+    assert (
+        mirrors.record(0, {0: IN_SYNC, 1: RECOVERING}, degraded, 5.0, events=61)[(0, 1)].generation
+        == 2
+    )  # still the same in-sync members
+    healed = mirrors.record(0, {0: IN_SYNC, 1: IN_SYNC}, degraded, events=70)
+    assert {(r.events, r.generation) for r in healed.values()} == {(70, 3)}
+    assert mirrors.records_from_status(mirrors.to_status(healed)) == healed
+
+
+def test_a_member_whose_own_event_count_is_behind_the_record_is_not_assembled() -> None:
+    # Both recorded in sync (a record written before md's failure reached it), but
+    # replica 1's superblock is at a count below the one recorded: it missed writes.
+    records = mirrors.record(0, {0: IN_SYNC, 1: IN_SYNC}, {}, events=60)
+    plan = mirrors.plan_stage(1, 2, records, {(0, 0), (0, 1)}, NODES, {(0, 0): 64, (0, 1): 58})
+    assert plan.assemble == {0: [0]} and plan.re_add == {0: [1]}
+    with pytest.raises(mirrors.StageRefused) as refused:
+        mirrors.plan_stage(1, 2, records, {(0, 1)}, NODES, {(0, 1): 58})
+    assert "replica 1 on storage-1 is behind: md event count 58, 60 recorded" in str(refused.value)
+    # A member with no superblock at all is not a member that holds the data.
+    with pytest.raises(mirrors.StageRefused, match="event count 0, 60 recorded"):
+        mirrors.plan_stage(1, 2, records, {(0, 1)}, NODES, {})
+
+
+def test_a_member_recorded_at_an_older_generation_is_not_assembled() -> None:
+    records = {
+        (0, 0): ReplicaRecord(0, 0, True, IN_SYNC, generation=4),
+        (0, 1): ReplicaRecord(0, 1, True, IN_SYNC, generation=3),
+    }
+    with pytest.raises(mirrors.StageRefused, match="generation 3, before 4"):
+        mirrors.plan_stage(1, 2, records, {(0, 1)}, NODES)
+
+
+def test_records_from_before_event_counts_still_stage() -> None:
+    records = {(0, r): ReplicaRecord(0, r, True, IN_SYNC) for r in (0, 1)}
+    plan = mirrors.plan_stage(1, 2, records, {(0, 0), (0, 1)}, NODES, {(0, 0): 9})
+    assert plan.assemble == {0: [0, 1]}
+
+
+def test_mds_event_count_is_read_from_the_members_own_superblock(tmp_path: Path) -> None:
+    member = tmp_path / "member"
+    block = bytearray(8192)
+    struct.pack_into("<II", block, 4096, mirror.MD_MAGIC, 1)
+    struct.pack_into("<Q", block, 4096 + mirror.EVENTS_AT, 1234)
+    member.write_bytes(bytes(block))
+    assert mirror.events(str(member)) == 1234
+    blank = tmp_path / "blank"
+    blank.write_bytes(bytes(8192))
+    assert mirror.events(str(blank)) is None
+    with pytest.raises(mirror.MirrorError, match="reading the md superblock"):
+        mirror.events(str(tmp_path / "gone"))
+
+
+def test_the_monitor_wakes_on_every_attribute_md_notifies(tmp_path: Path) -> None:
+    md = tmp_path / "md127" / "md"
+    for dev in ("dev-nvme1n1", "dev-nvme2n1"):
+        (md / dev).mkdir(parents=True)
+    (tmp_path / "dev" / "md").mkdir(parents=True)
+    link = tmp_path / "dev" / "md" / "fm-1-s0"
+    link.symlink_to(tmp_path / "md127")
+    with mock.patch.object(mirror, "DEV_MD", tmp_path / "dev" / "md"):
+        files = mirror.watched_files(["fm-1-s0", "fm-gone-s0"], tmp_path)
+    assert files == [md / "degraded", md / "sync_action", md / "dev-nvme1n1" / "state",
+                     md / "dev-nvme2n1" / "state"]  # fmt: skip
 
 
 def test_missing_members_count_as_behind() -> None:

@@ -1,9 +1,10 @@
 """Which of a node's drives a StoragePool takes: a pure decision over the node's inventory.
 
-A drive joins when its path matches one of the pool's patterns and it is at least the
-pool's minimum size. One that matches but holds something (a filesystem, a partition
-table, a mount, another volume group) is refused and never touched, and the refusal says
-why and what to do, for the StorageNode's condition and Event.
+A drive joins when its path, or one of udev's stable names for it (/dev/disk/by-id),
+matches one of the pool's patterns and it is at least the pool's minimum size. One that
+matches but holds something (a filesystem, a partition table, a mount, another volume
+group) is refused and never touched, and the refusal says why and what to do, for the
+StorageNode's condition and Event.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import fnmatch
 from dataclasses import dataclass
 
 from flashmesh.core.units import format_bytes
+
+BY_ID = "/dev/disk/by-id/"
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,12 @@ class BlockDevice:
     unknown: str | None = None
     # Set when it is not a local drive (an NVMe-oF namespace, a FlashMesh volume): why.
     remote: str | None = None
+    # udev's stable names for it (/dev/disk/by-id links); none where no udev runs.
+    stable_names: tuple[str, ...] = ()
+
+    def matches(self, patterns: list[str]) -> bool:
+        names = (self.path, *self.stable_names)
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,12 @@ class Selection:
             return (
                 "NoDriveMatches",
                 f"no drive matches spec.drives.pathPatterns {patterns} with at least "
-                f"{format_bytes(min_size)}{smaller}: change the patterns or minSize",
+                f"{format_bytes(min_size)}{smaller}: change the patterns or minSize"
+                + (
+                    " (/dev/disk/by-id names need udev on the node)"
+                    if any(p.startswith(BY_ID) for p in patterns)
+                    else ""
+                ),
             )
         return None
 
@@ -65,7 +79,7 @@ def select_drives(
     refused: list[Refusal] = []
     too_small: list[BlockDevice] = []
     for dev in sorted(devices, key=lambda d: d.path):
-        if not any(fnmatch.fnmatchcase(dev.path, p) for p in patterns):
+        if not dev.matches(patterns):
             continue
         if dev.volume_group == volume_group:
             selected.append(dev)  # already ours: a restart finds what it made

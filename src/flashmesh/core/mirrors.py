@@ -7,18 +7,21 @@ write-intent bitmap, one array per index (and stripes the arrays when the width 
 comes back is re-added and resynced only where the bitmap says it missed writes. md also
 refuses a stale member when a fresher one is present (event counts). What md cannot know
 is that a member is stale when it is the only one left: so the Volume's status records
-which replicas are in sync, the node plugin updates it on every degrade and resync, and
-NodeStage never assembles an index from replicas that are not in sync (UNAVAILABLE rather
-than silently rolling back acknowledged writes).
+which replicas are in sync, with md's event count and a generation raised on every change
+of the in-sync members, the node plugin updates it on every degrade and resync, and
+NodeStage never assembles an index from replicas that are not in sync at the newest
+generation, nor from a member whose own event count is below the one recorded
+(UNAVAILABLE rather than silently rolling back acknowledged writes).
 
-Known window: the record follows md's own view within one monitor pass (a couple of
-seconds); losing the GPU node and the fresh replica's node together inside that window
-could still leave a stale replica looking in sync."""
+Known window: md holds writes only until its own superblocks record a failed member; the
+Volume's record follows when the node plugin's monitor wakes on md's change (README,
+"Failure behaviour"). Losing the GPU node and the fresh replica's node together inside that
+window could still leave a stale replica looking in sync."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Bytes in front of the data on each member: md's 1.2 superblock (at 4 KiB) and its
 # internal bitmap. Fixed (mdadm --data-offset) so the data's place never depends on the
@@ -74,6 +77,10 @@ class ReplicaRecord:
     in_sync: bool
     state: str
     message: str = ""
+    # md's event count of the in-sync members when the index's membership last changed,
+    # and the number of such changes (0: recorded before either was kept).
+    events: int = 0
+    generation: int = 0
 
     @property
     def key(self) -> Key:
@@ -87,7 +94,8 @@ def records_from_status(items: Iterable[Mapping[str, object]] | None) -> dict[Ke
         index, replica = int(str(item["index"])), int(str(item["replica"]))
         out[(index, replica)] = ReplicaRecord(
             index, replica, bool(item.get("inSync", True)), str(item.get("state") or IN_SYNC),
-            str(item.get("message") or ""),
+            str(item.get("message") or ""), int(str(item.get("events") or 0)),
+            int(str(item.get("generation") or 0)),
         )  # fmt: skip
     return out
 
@@ -112,24 +120,43 @@ class StagePlan:
     creatable: frozenset[int] = frozenset()
 
 
+def _why_behind(
+    records: Mapping[Key, ReplicaRecord], key: Key, on_disk: Mapping[Key, int] | None
+) -> str | None:
+    """Why a reachable replica cannot be trusted to hold every write (None: it can)."""
+    mine = [r for r in records.values() if r.index == key[0]]
+    if not in_sync(records, key):
+        return "out of sync"
+    newest = max((r.generation for r in mine), default=0)
+    if key in records and records[key].generation < newest:
+        return f"recorded at generation {records[key].generation}, before {newest}"
+    highest = max((r.events for r in mine), default=0)
+    if on_disk is not None and on_disk.get(key, 0) < highest:
+        return f"behind: md event count {on_disk.get(key, 0)}, {highest} recorded"
+    return None
+
+
 def plan_stage(
     stripe_width: int,
     replicas: int,
     records: Mapping[Key, ReplicaRecord],
     reachable: set[Key],
     nodes: Mapping[Key, str],
+    on_disk: Mapping[Key, int] | None = None,
 ) -> StagePlan:
     """Which replicas each index's array is assembled from, and which are added back to
-    resync; StageRefused names the index and why when none in sync can be reached."""
+    resync; StageRefused names the index and why when none in sync can be reached.
+    on_disk: each reachable member's own md event count (absent: no superblock)."""
     recorded = {key[0] for key in records}
     plan = StagePlan(creatable=frozenset(set(range(stripe_width)) - recorded))
     for index in range(stripe_width):
         keys = [(index, r) for r in range(replicas)]
-        good = [k[1] for k in keys if in_sync(records, k) and k in reachable]
+        why_not = {k: _why_behind(records, k, on_disk) for k in keys if k in reachable}
+        good = [k[1] for k, why in why_not.items() if why is None]
         if not good:
             why = "; ".join(
                 f"replica {r} on {nodes.get((index, r), '?')} is "
-                + ("unreachable" if (index, r) not in reachable else "out of sync")
+                + (why_not.get((index, r)) or "unreachable")
                 for _, r in keys
             )
             raise StageRefused(
@@ -137,16 +164,34 @@ def plan_stage(
                 f"reached ({why}); bring the storage node of an in-sync replica back"
             )
         plan.assemble[index] = good
-        plan.re_add[index] = [k[1] for k in keys if k in reachable and not in_sync(records, k)]
+        plan.re_add[index] = [k[1] for k, why in why_not.items() if why is not None]
     return plan
 
 
 def record(
     index: int, states: Mapping[int, str], previous: Mapping[Key, ReplicaRecord],
-    sync_percent: float | None = None,
+    sync_percent: float | None = None, events: int | None = None,
 ) -> dict[Key, ReplicaRecord]:  # fmt: skip
     """New records for one index from its array's member states. A replica comes back in
-    sync only when md says so; a Recovering one shows how far the resync has come."""
+    sync only when md says so; a Recovering one shows how far the resync has come. When
+    the in-sync members change, the generation is raised and `events` (the in-sync
+    members' md event count now) recorded; otherwise both stay as they were, so md's
+    count moving on with every write never rewrites the status."""
+    out = _states(index, states, previous, sync_percent)
+    before = {k: r for k, r in previous.items() if k[0] == index}
+    generation = max((r.generation for r in before.values()), default=0)
+    kept = max((r.events for r in before.values()), default=0)
+    members = {k for k, r in out.items() if r.in_sync}
+    if not before or members != {k for k, r in before.items() if r.in_sync}:
+        generation += 1
+        kept = events if events is not None else kept
+    return {k: replace(r, events=kept, generation=generation) for k, r in out.items()}
+
+
+def _states(
+    index: int, states: Mapping[int, str], previous: Mapping[Key, ReplicaRecord],
+    sync_percent: float | None,
+) -> dict[Key, ReplicaRecord]:  # fmt: skip
     out: dict[Key, ReplicaRecord] = {}
     for replica, state in states.items():
         key = (index, replica)
@@ -184,7 +229,9 @@ def condition(records: Mapping[Key, ReplicaRecord], nodes: Mapping[Key, str]) ->
 def to_status(records: Mapping[Key, ReplicaRecord]) -> list[dict[str, object]]:
     return [
         {"index": r.index, "replica": r.replica, "inSync": r.in_sync, "state": r.state,
-         **({"message": r.message} if r.message else {})}
+         **({"message": r.message} if r.message else {}),
+         **({"events": r.events} if r.events else {}),
+         **({"generation": r.generation} if r.generation else {})}
         for r in sorted(records.values(), key=lambda r: r.key)
     ]  # fmt: skip
 

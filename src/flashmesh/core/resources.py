@@ -107,7 +107,8 @@ class Resource:
 class DriveSelector:
     """Which of a selected node's drives join the pool."""
 
-    path_patterns: list[str] = field(default_factory=lambda: ["/dev/nvme*n1"])
+    # udev's stable names: the same drives whatever order the controllers are found in.
+    path_patterns: list[str] = field(default_factory=lambda: ["/dev/disk/by-id/nvme-*"])
     min_size: str = "1Gi"
 
 
@@ -275,6 +276,8 @@ class ReplicaStatus:
     in_sync: bool
     state: str | None = None
     message: str | None = None
+    events: int | None = None  # md's event count at the last membership change
+    generation: int | None = None  # raised on every membership change
 
 
 @dataclass

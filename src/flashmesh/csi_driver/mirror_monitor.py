@@ -1,11 +1,14 @@
 """The node plugin's watch over the mirrored volumes it has staged.
 
-Every few seconds each mirrored volume's md arrays are read. A member md failed (its
-storage node or path went down) is removed from the array; a replica whose subsystem is
-reachable again is connected if need be and re-added, so md resyncs what the bitmap says
-it missed; and the Volume's replica records and ReplicasInSync condition follow what md
-reports. The volume's lock is taken for each pass, so a pass never races a CSI call on it
-(a busy volume waits for the next pass)."""
+A pass runs as soon as md notifies a change of one of the staged arrays (a member failed,
+a resync ended: sysfs wakes the monitor, no polling), and every 10 s otherwise (to
+reconnect a replica whose storage node came back, and show a resync's progress). A
+member md failed (its storage node or path went down) is first recorded in the Volume's
+status, then removed from the array; a replica whose subsystem is reachable again is
+connected if need be and re-added, so md resyncs what the bitmap says it missed; and the
+Volume's replica records and ReplicasInSync condition follow what md reports. The
+volume's lock is taken for each pass, so a pass never races a CSI call on it (a busy
+volume waits for the next pass)."""
 
 from __future__ import annotations
 
@@ -27,26 +30,36 @@ log = logging.getLogger(__name__)
 
 
 class MirrorMonitor:
-    def __init__(self, node: Node, interval: float = 2.0, reconnect_every: float = 10.0) -> None:
+    def __init__(self, node: Node, interval: float = 10.0, reconnect_every: float = 10.0) -> None:
         self.node, self.interval, self.reconnect_every = node, interval, reconnect_every
         self._tried: dict[str, float] = {}  # nqn -> when a reconnect was last tried
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.wait(self.interval):
-            self.pass_once()
+        arrays: list[str] = []
+        while not stop.is_set():
+            if arrays:
+                mirror.wait_for_change(arrays, self.interval)  # md's notice, or the interval
+            else:
+                stop.wait(self.interval)
+            if stop.is_set():
+                return
+            arrays = self.pass_once()
 
     def start(self) -> threading.Event:
         stop = threading.Event()
         threading.Thread(target=self.run, args=(stop,), name="mirror-monitor", daemon=True).start()
         return stop
 
-    def pass_once(self) -> None:
+    def pass_once(self) -> list[str]:
+        """Checks every staged mirror; returns the md arrays seen, to wait on."""
+        arrays: list[str] = []
         for path in sorted(self.node.state_dir.glob("*.json")):
             vid = path.stem
             try:
                 found = self.node.load(vid)
                 if found is None or not found.md:
                     continue  # not mirrored: never take its lock (a CSI call would get ABORTED)
+                arrays += found.md
                 with self.node.locks.hold(vid, background=True):
                     staged = self.node.load(vid)
                     if staged is not None and staged.md:
@@ -55,9 +68,11 @@ class MirrorMonitor:
                 continue  # a CSI call holds the volume: the next pass looks again
             except Exception:
                 log.exception("mirror monitor: volume %s", vid)
+        return arrays
 
     def check(self, vid: str, staged: Staged) -> None:
         runner = self.node.runner
+        self._record_failures(vid, staged)
         for index, name in enumerate(staged.md):
             state = mirror.array_state(name)
             if state is None:
@@ -82,6 +97,24 @@ class MirrorMonitor:
         if self.node.replica_status is not None:
             _, volume = self.node.replica_status.read(vid)
             self.node.record_replicas(vid, staged, volume)
+
+    def _record_failures(self, vid: str, staged: Staged) -> None:
+        """A member md failed goes into the Volume's records before anything else is done
+        (the window in which only this node knows a replica is behind)."""
+        if self.node.replica_status is None:
+            return
+        seen = time.monotonic()
+        if not any(
+            (state := mirror.array_state(name)) and mirrors.FAULTY in state.members.values()
+            for name in staged.md
+        ):
+            return
+        _, volume = self.node.replica_status.read(vid)
+        self.node.record_replicas(vid, staged, volume)
+        log.warning(
+            "volume %s: md failed a member; the degrade was recorded in the Volume's status "
+            "%.3f s after the monitor saw it", vid, time.monotonic() - seen,
+        )  # fmt: skip
 
     def _device(self, vid: str, nqn: str, staged: Staged) -> str | None:
         """The replica's block device; connected again (at most every reconnect_every

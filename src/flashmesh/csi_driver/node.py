@@ -38,6 +38,20 @@ def _fail(code: grpc.StatusCode, message: str) -> CsiError:
     return CsiError(code, message)
 
 
+def _events(members: list[str]) -> int | None:
+    """The lowest md event count among these members' superblocks (md writes them all at
+    once; the lowest is the one every in-sync member is known to have reached)."""
+    counts = []
+    for name in members:
+        try:
+            found = mirror.events(f"/dev/{name}")
+        except (mirror.MirrorError, OSError):
+            continue
+        if found is not None:
+            counts.append(found)
+    return min(counts) if counts else None
+
+
 def parse_segments(raw: str) -> list[dict[str, Any]]:
     """publish_context["segments"] as ControllerPublish wrote it: a list of {nqn,
     endpoints: ["transport:address:port", ...]}; ValueError names what is wrong."""
@@ -230,10 +244,11 @@ class Node(csi_pb2_grpc.NodeServicer):
                 log.warning("volume %s: replica %s unreachable: %s", vid, key, exc)
         records, volume = self.replica_status.read(vid)
         try:
+            on_disk = {k: n for k, d in devices.items() if (n := mirror.events(d)) is not None}
             plan = mirrors.plan_stage(
-                layout.stripe_width, layout.replicas, records, set(devices), nodes
+                layout.stripe_width, layout.replicas, records, set(devices), nodes, on_disk
             )
-        except mirrors.StageRefused as exc:
+        except (mirrors.StageRefused, mirror.MirrorError) as exc:
             for key in devices:
                 nvme.disconnect(self.runner, by_key[key]["nqn"])
             raise _fail(grpc.StatusCode.UNAVAILABLE, f"volume {vid}: {exc}") from None
@@ -331,6 +346,7 @@ class Node(csi_pb2_grpc.NodeServicer):
             now |= mirrors.record(
                 index, mirrors.index_states(members, replicas), before,
                 mirrors.sync_percent(state.sync_completed),
+                _events([d for d, s in state.members.items() if s == mirrors.IN_SYNC]),
             )  # fmt: skip
         if now and now != before:
             self.replica_status.write(vid, now, volume)

@@ -7,6 +7,7 @@ one of a FlashMesh subsystem is somebody's volume, never a drive to pool (sysfs)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from flashmesh.dataplane.initiator import sysfs
 from flashmesh.dataplane.lvm import Lvm
 from flashmesh.dataplane.process import Runner
 
+BY_ID = Path("/dev/disk/by-id")
 LSBLK = ("lsblk", "--json", "--bytes", "--output", "PATH,SIZE,MODEL,SERIAL,TYPE,MOUNTPOINTS")
 
 
@@ -56,9 +58,22 @@ def not_local(root: Path = sysfs.SYSFS) -> dict[str, str]:
     return found
 
 
+def stable_names(by_id: Path = BY_ID) -> dict[str, tuple[str, ...]]:
+    """/dev path -> udev's /dev/disk/by-id links to it (none where no udev runs)."""
+    found: dict[str, list[str]] = {}
+    try:
+        links = list(os.scandir(by_id))
+    except OSError:
+        return {}
+    for link in links:
+        found.setdefault(os.path.realpath(link.path), []).append(link.path)
+    return {path: tuple(sorted(names)) for path, names in found.items()}
+
+
 def inventory(runner: Runner = process.run, root: Path = sysfs.SYSFS) -> list[BlockDevice]:
     pv_groups = {pv.path: pv.volume_group for pv in Lvm(runner).physical_volumes()}
     remote = not_local(root)
+    names = stable_names()
     devices = []
     for disk in parse_lsblk(process.check(runner, LSBLK).stdout):
         # Only blkid's "nothing found" is blank: conflicting signatures, or a probe that
@@ -82,6 +97,7 @@ def inventory(runner: Runner = process.run, root: Path = sysfs.SYSFS) -> list[Bl
                 remote=remote.get(disk["path"]),
                 mounted=disk["mounted"],
                 volume_group=pv_groups.get(disk["path"]) or None,
+                stable_names=names.get(disk["path"], ()),
             )
         )
     return devices

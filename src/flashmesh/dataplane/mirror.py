@@ -9,7 +9,12 @@ the names hold with or without udev (mdadm makes /dev/md/ links itself). The dec
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
 import os
+import select
+import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +72,39 @@ def has_superblock(runner: Runner, device: str) -> bool:
     if "No md superblock detected" in result.stdout + result.stderr:
         return False
     raise MirrorError(f"reading the md superblock of {device}: {result.stderr.strip()}")
+
+
+# md's 1.2 superblock: 4 KiB into the member; its magic, major version and event count.
+SUPERBLOCK_AT = 4096
+MD_MAGIC = 0xA92B4EFC
+EVENTS_AT = 200
+
+
+def events(device: str) -> int | None:
+    """md's event count in the member's own superblock (None when it has none), read with
+    no process and past the page cache: md writes superblocks under it, so a cached read
+    could show a count from before the last failure. An unreadable device is an error."""
+    try:
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            fd = os.open(device, os.O_RDONLY)  # a file system without O_DIRECT (tmpfs)
+    except OSError as exc:
+        raise MirrorError(f"reading the md superblock of {device}: {exc}") from None
+    try:
+        block = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT needs
+        if os.preadv(fd, [block], SUPERBLOCK_AT) < 4096:
+            return None
+    except OSError as exc:
+        raise MirrorError(f"reading the md superblock of {device}: {exc}") from None
+    finally:
+        os.close(fd)
+    magic, major = struct.unpack_from("<II", block, 0)
+    if magic != MD_MAGIC or major != 1:
+        return None
+    return int(struct.unpack_from("<Q", block, EVENTS_AT)[0])
 
 
 def create(runner: Runner, name: str, devices: Sequence[str]) -> str:
@@ -140,3 +178,41 @@ def array_state(name: str, root: Path = SYS_BLOCK) -> ArrayState | None:
         block = dev.name.removeprefix("dev-")
         members[block] = mirrors.member_state(_read(dev / "state"))
     return ArrayState(members, _read(base / "sync_action"), _read(base / "sync_completed"))
+
+
+def watched_files(names: Sequence[str], root: Path = SYS_BLOCK) -> list[Path]:
+    """The sysfs attributes md notifies on when an array's members change: each member's
+    state (md failed it, it came back in sync), the degraded count, the sync action."""
+    files: list[Path] = []
+    for name in names:
+        md = kernel_name(name, root)
+        if md is None:
+            continue
+        base = root / md / "md"
+        files += [base / "degraded", base / "sync_action"]
+        files += [dev / "state" for dev in sorted(base.glob("dev-*"))]
+    return files
+
+
+def wait_for_change(names: Sequence[str], timeout: float, root: Path = SYS_BLOCK) -> bool:
+    """Sleeps until md notifies a change of one of these arrays (True) or the timeout
+    runs out (False): a failed member is seen within milliseconds, with no polling."""
+    poller = select.poll()
+    fds: list[int] = []
+    try:
+        for path in watched_files(names, root):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            fds.append(fd)
+            with contextlib.suppress(OSError):
+                os.read(fd, 4096)  # sysfs wakes a poller only for changes after a read
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+        if not fds:  # none of them assembled now
+            time.sleep(timeout)
+            return False
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        for fd in fds:
+            os.close(fd)
