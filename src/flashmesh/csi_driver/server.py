@@ -1,10 +1,18 @@
 """The gRPC server on a unix socket (or a TCP address in the lab): every call logged with
-its secrets redacted, timed, and every exception answered with the code from errors.py."""
+its secrets redacted, timed, and every exception answered with the code from errors.py.
+
+Calls that may wait (on agents, commands, a volume's lock) hold a worker thread each, so
+at most BUSY_CALLS of them run at once; the server has RESERVED workers more, which always
+answer Identity (Probe is the liveness probe: a driver whose Probe waits behind a burst of
+CreateVolumes gets restarted by the kubelet, mid-mkfs) and the other instant calls, and
+turn the calls beyond the limit away at once with UNAVAILABLE, which the sidecars and the
+kubelet retry with backoff."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -19,16 +27,44 @@ from flashmesh.csi_driver.redact import redacted
 
 log = logging.getLogger(__name__)
 
+BUSY_CALLS = 32
+RESERVED = 8
+# Calls that answer from memory at once: never counted against BUSY_CALLS.
+INSTANT = {"ControllerGetCapabilities", "NodeGetCapabilities", "NodeGetInfo"}
+
+
+def instant(full_method: str) -> bool:
+    service, _, method = full_method.rpartition("/")
+    return service.endswith(".Identity") or method in INSTANT
+
 
 class CallLogger(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, busy_calls: int = BUSY_CALLS) -> None:
+        self.busy_calls = busy_calls
+        self._busy = threading.BoundedSemaphore(busy_calls)
+
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
+        limited = not instant(details.method)
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
+            if limited and not self._busy.acquire(blocking=False):
+                OPERATION_SECONDS.labels(method, "UNAVAILABLE").observe(0)
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the driver is busy with {self.busy_calls} calls; retry",
+                )
+            try:
+                return logged(request, context)
+            finally:
+                if limited:
+                    self._busy.release()
+
+        def logged(request: Any, context: grpc.ServicerContext) -> Any:
             begin = time.monotonic()
             log.info("%s request: %s", method, redacted(request))
             try:
@@ -66,10 +102,17 @@ def endpoint_address(endpoint: str) -> str:
     return endpoint
 
 
-def serve(endpoints: str | list[str], register: list[Callable[[grpc.Server], None]]) -> grpc.Server:
+def serve(
+    endpoints: str | list[str],
+    register: list[Callable[[grpc.Server], None]],
+    busy_calls: int = BUSY_CALLS,
+) -> grpc.Server:
     """One server on every endpoint (the lab's controller serves the sidecars on a socket and
     the VMs over TCP)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=[CallLogger()])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=busy_calls + RESERVED),
+        interceptors=[CallLogger(busy_calls)],
+    )
     for add in register:
         add(server)
     for endpoint in [endpoints] if isinstance(endpoints, str) else endpoints:
