@@ -251,6 +251,8 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["FABRIC_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     assert agent["nodeSelector"] == {"flashmesh.dev/storage": "true"}
+    # Liveness from the agent's own passes and heartbeat (flashmesh.metrics' /healthz).
+    assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     # The cut-offs not done yet outlive the agent's pod (a rollout mid-cut-off), on the
     # host's /run, which a reboot clears with every controller.
     agent_paths = {v["name"]: v["hostPath"]["path"] for v in agent["volumes"]}

@@ -100,3 +100,14 @@ def test_a_host_still_being_cut_off_keeps_the_segment_not_ready_and_named() -> N
     assert not status.ready
     assert (status.hosts, status.cutting_off) == ([HOST], [OTHER])
     assert status.message == f"cutting off {OTHER}: its live controllers are not ended yet"
+
+
+def test_a_segment_whose_grow_failed_stays_ready_and_says_why() -> None:
+    a = volume("pvc-a", ["node-1"], [HOST])
+    nqn = naming.subsystem_nqn(a.metadata.name, 0, 0)
+    done = desired_target("node-1", [a], VG, ENDPOINTS)
+    why = "growing to 2Gi failed, still serving 1Gi: lvextend: injected failure"
+    (status,) = segment_statuses(
+        "node-1", [a], done, ENDPOINTS, {}, sizes={nqn: "1Gi"}, held={nqn: why}
+    )[a.metadata.name]
+    assert status.ready and status.message == why and status.size == "1Gi"

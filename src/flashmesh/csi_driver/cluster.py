@@ -234,5 +234,6 @@ def segments_missing(
         if gone and gone in hosts:
             return f"{where}: {gone} still allowed"
         if size and parse_bytes(status.size or "0") < size:
-            return f"{where}: {status.size or 'unknown size'}, growing to {size} bytes"
+            why = f" ({status.message})" if status.message else ""
+            return f"{where}: {status.size or 'unknown size'}, growing to {size} bytes{why}"
     return None

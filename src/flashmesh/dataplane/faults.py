@@ -14,6 +14,7 @@ import os
 import signal
 
 ENV = "FLASHMESH_CRASH_AT"
+FAIL_ENV = "FLASHMESH_FAIL_AT"
 log = logging.getLogger(__name__)
 _changes = 0
 
@@ -27,3 +28,12 @@ def before_change(what: str) -> None:
     if (crash_at.isdigit() and _changes >= int(crash_at)) or what.startswith(crash_at):
         log.warning("crash point: SIGKILL before change %d (%s)", _changes, what)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def failing(what: str) -> bool:
+    """Whether this change is to fail (FLASHMESH_FAIL_AT names its first word)."""
+    word = os.environ.get(FAIL_ENV)
+    if word and what.startswith(word):
+        log.warning("injected failure: %s", what)
+        return True
+    return False

@@ -6,6 +6,9 @@ its own host's key to `nvme connect`. A key never reaches a CR, a log line or an
 from __future__ import annotations
 
 import base64
+import binascii
+import re
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,3 +37,38 @@ def keys_from_secrets(secrets: Iterable[dict[str, Any]]) -> dict[str, str]:
         if nqn and data:
             keys[nqn] = base64.b64decode(data).decode().strip()
     return keys
+
+
+# DHHC-1:<hash>:<base64 of the secret and its CRC-32>: as nvme gen-dhchap-key writes it.
+_KEY = re.compile(r"DHHC-1:(0[0-3]):([A-Za-z0-9+/]+={0,2}):")
+
+
+def key_problem(key: str) -> str | None:
+    """Why the kernel would refuse this DH-HMAC-CHAP secret (None: it is well formed). The
+    checks are the kernel's own: the DHHC-1 form, a secret of 32, 48 or 64 bytes, and its
+    CRC-32. The answer never quotes the key."""
+    found = _KEY.fullmatch(key)
+    if found is None:
+        return "it is not of the form DHHC-1:<00-03>:<base64>: (nvme gen-dhchap-key writes it)"
+    try:
+        raw = base64.b64decode(found.group(2), validate=True)
+    except binascii.Error:
+        return "its base64 part does not decode"
+    secret, crc = raw[:-4], raw[-4:]
+    if len(secret) not in (32, 48, 64):
+        return f"its secret is {max(len(secret), 0)} bytes, not 32, 48 or 64"
+    if zlib.crc32(secret) != int.from_bytes(crc, "little"):
+        return "its CRC-32 does not match (a truncated or mistyped key)"
+    return None
+
+
+def malformed(keys: dict[str, str]) -> dict[str, str]:
+    """Host NQN -> why, for each key the kernel would refuse: that host alone is refused."""
+    out = {}
+    for host, key in keys.items():
+        why = key_problem(key)
+        if why:
+            out[host] = (
+                f"the DH-HMAC-CHAP key Secret of {host} is malformed: {why}; fix its data.key"
+            )
+    return out

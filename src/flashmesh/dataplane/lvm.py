@@ -126,6 +126,8 @@ class Lvm:
         if argv[0] not in _READS:
             faults.before_change(" ".join(argv))
             self._reports.clear()
+            if faults.failing(" ".join(argv)):
+                raise LvmError(f"{' '.join(argv)}: failed (injected by {faults.FAIL_ENV})")
         try:
             out = process.check(self.runner, argv).stdout
         except CommandError as exc:

@@ -24,7 +24,7 @@ from flashmesh.dataplane.agent.labels import label_own_objects
 from flashmesh.dataplane.agent.node_status import NodeReport, report_node
 from flashmesh.dataplane.agent.snapshots import reconcile_snapshots
 from flashmesh.dataplane.agent.volumes import VolumeReconciler
-from flashmesh.dataplane.host_keys import KEY_HINT, keys_from_secrets
+from flashmesh.dataplane.host_keys import KEY_HINT, keys_from_secrets, malformed
 from flashmesh.dataplane.inventory import inventory
 from flashmesh.dataplane.lvm import Lvm, LvmError
 from flashmesh.dataplane.process import CommandError, Runner
@@ -40,6 +40,10 @@ HEARTBEAT_EVERY = 5.0
 # With nothing changing, a pass (and a probe of the drives) this often: it finds what no
 # watch tells, such as a drive added or a logical volume removed by hand.
 RESYNC_EVERY = 300.0
+# Liveness: a pass under way this long, beyond the resync period in which one is due
+# anyway, or a heartbeat thread silent for this long, is an agent stuck (a command hung in
+# the kernel, a deadlock): /healthz says so and the kubelet restarts it.
+STUCK_AFTER = 600.0
 # After a pass that left work undone (a failed command, an export not ready), the next
 # one comes this soon, doubling up to RETRY_MAX while the work stays undone.
 RETRY_FIRST = 2.0
@@ -67,6 +71,9 @@ class Agent:
     _cache: AgentCache | None = None
     _probe_drives: bool = True
     _beating: bool = False  # a heartbeat thread renews the Lease
+    # When the last pass ended and the heartbeat thread last tried (time.monotonic).
+    _passed_at: float = field(default_factory=time.monotonic)
+    _beat_at: float = field(default_factory=time.monotonic)
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -115,6 +122,7 @@ class Agent:
             except Exception:  # keep serving; the next pass starts from what is there
                 log.exception("reconcile pass failed")
             metrics.PASS_SECONDS.labels(outcome).observe(time.monotonic() - begin)
+            self._passed_at = time.monotonic()
             if settled:
                 delay = RETRY_FIRST
                 timeout = max(self.resync_every - (time.monotonic() - last_probe), 0)
@@ -176,6 +184,10 @@ class Agent:
             if pool and pool.spec.security.dhchap:
                 # With authentication on, a host without a key is never allowed in.
                 keys = keys_from_secrets(cache.secrets.items())
+                # A key nvmet would refuse fails that host alone, never the node's plan.
+                for host, why in malformed(keys).items():
+                    refused.setdefault(host, why)
+                    del keys[host]
                 for host in {h for v in volumes for h in v.spec.hosts} - set(keys):
                     refused.setdefault(host, f"no DH-HMAC-CHAP key for {host}: {KEY_HINT}")
             snapshots, snaps_done = reconcile_snapshots(
@@ -213,9 +225,22 @@ class Agent:
         """A Snapshot with no segment here (a restore's source), read when asked for."""
         return self.kube.get(API, "Snapshot", name)
 
+    def health(self, now: float | None = None) -> str | None:
+        """Why the agent is stuck (None: it is live): no pass ended for the resync period
+        plus STUCK_AFTER (a failing pass still ends: restarting would not help it), or the
+        heartbeat thread has not tried to renew the Lease for STUCK_AFTER."""
+        now = time.monotonic() if now is None else now
+        since_pass = now - self._passed_at
+        if since_pass > self.resync_every + STUCK_AFTER:
+            return f"no reconcile pass has ended for {since_pass:.0f} s"
+        if self._beating and now - self._beat_at > STUCK_AFTER:
+            return f"the Lease heartbeat has not run for {now - self._beat_at:.0f} s"
+        return None
+
     def _heartbeats(self, kube: Kube) -> None:
         while True:
             self._heartbeat(kube)
+            self._beat_at = time.monotonic()
             time.sleep(HEARTBEAT_EVERY)
 
     def _heartbeat(self, kube: Kube | None = None) -> None:
@@ -338,11 +363,11 @@ def main(
     metrics_port: int | None = None,
 ) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if not once:
-        serve_metrics(metrics_port)
     agent_name = f"flashmesh-agent/{node}"
     kube = Kube.from_kubeconfig(kubeconfig, user_agent=agent_name)
     agent = Agent(kube, node, address, namespace=namespace, resync_every=resync)
+    if not once:
+        serve_metrics(metrics_port, health=agent.health)
     agent.stop_on_sigterm()
     udev.install_rules()  # before any logical volume of a tenant appears on this host
     if once:

@@ -27,7 +27,7 @@ from flashmesh.dataplane.target.desired import (
 from flashmesh.dataplane.target.fencing import Cutoffs
 from flashmesh.dataplane.target.model import Target
 from flashmesh.dataplane.target.planner import plan
-from flashmesh.kube import Kube
+from flashmesh.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
 API = resources.API_VERSION
@@ -69,9 +69,11 @@ class VolumeReconciler:
                 live.append(volume)
         errors: dict[str, str] = {}
         sizes: dict[str, int] = {}
+        # Segments still served as they were while a change of them failed (a grow).
+        held: dict[str, str] = {}
         existing = {lv.name: lv.size for lv in self.lvm.logical_volumes(self.vg)}
         exportable = [
-            v for v in live if self._ensure_volumes(v, existing, snapshots, errors, sizes)
+            v for v in live if self._ensure_volumes(v, existing, snapshots, errors, sizes, held)
         ]
         fs = configfs.Fs(self.nvmet_root)
         desired = desired_target(
@@ -90,7 +92,7 @@ class VolumeReconciler:
         observed = configfs.observe(fs, self.cutoffs)
         shown = {nqn: format_bytes(size) for nqn, size in sizes.items()}
         statuses = segment_statuses(
-            self.node, live, observed, self.endpoints, errors, self.refused, shown
+            self.node, live, observed, self.endpoints, errors, self.refused, shown, held
         )
         entries_all = [e for entries in statuses.values() for e in entries]
         ready = sum(1 for e in entries_all if e.ready)
@@ -108,12 +110,8 @@ class VolumeReconciler:
             }
             self.wrote(self.kube.apply_status(body, self.manager))
             metrics.STATUS_WRITES.labels("Volume").inc()
-        released = all(
-            self._release(volume, observed)
-            for volume in ours
-            if volume.metadata.deletion_timestamp is not None
-        )
-        return released and ready == len(entries_all) and not errors
+        released = all([self._release(v, observed) for v in ours if v.metadata.deletion_timestamp])
+        return released and ready == len(entries_all) and not errors and not held
 
     def _grown(
         self, before: dict[str, int], sizes: dict[str, int], volumes: list[Volume]
@@ -132,9 +130,12 @@ class VolumeReconciler:
         snapshots: dict[str, Snapshot],
         errors: dict[str, str],
         sizes: dict[str, int],
+        held: dict[str, str],
     ) -> bool:
         """This node's logical volumes of one volume, made or grown (their sizes into
-        sizes); False (and each failure in errors) when one is not there yet."""
+        sizes); False (and each failure in errors) when one is not there yet. One that is
+        there but failed to grow stays exported at the size it has (the failure in held):
+        a failed grow must never take a volume away from its hosts."""
         ok = True
         for seg in local_segments(self.node, [volume]):
             try:
@@ -142,6 +143,14 @@ class VolumeReconciler:
                 lv = self.lvm.ensure_volume(self.vg, seg.lv, parse_bytes(seg.segment.size), origin)
                 sizes[seg.nqn] = lv.size
             except LvmError as exc:
+                if seg.lv in existing:
+                    sizes[seg.nqn] = existing[seg.lv]
+                    held[seg.nqn] = (
+                        f"growing to {seg.segment.size} failed, still serving "
+                        f"{format_bytes(existing[seg.lv])}: {exc}"
+                    )
+                    log.warning("%s: %s", seg.lv, held[seg.nqn])
+                    continue
                 errors[seg.nqn] = f"logical volume: {exc}"
                 ok = False
         return ok
@@ -175,12 +184,16 @@ class VolumeReconciler:
         logical volumes go, then this node's finalizer. False while that is not done."""
         if self.finalizer not in (volume.metadata.finalizers or []):
             return True
-        for seg in volume.spec.segments:
-            if seg.node != self.node:
-                continue
-            key = (volume.metadata.name, seg.index, seg.replica)
-            if naming.subsystem_nqn(*key) in observed.subsystems:
-                return False  # not unexported yet: the next pass goes on
-            self.lvm.remove_volume(self.vg, naming.segment_lv(*key))
-        self.kube.remove_finalizer(API, "Volume", volume.metadata.name, self.finalizer)
+        try:
+            for seg in volume.spec.segments:
+                if seg.node != self.node:
+                    continue
+                key = (volume.metadata.name, seg.index, seg.replica)
+                if naming.subsystem_nqn(*key) in observed.subsystems:
+                    return False  # not unexported yet: the next pass goes on
+                self.lvm.remove_volume(self.vg, naming.segment_lv(*key))
+            self.kube.remove_finalizer(API, "Volume", volume.metadata.name, self.finalizer)
+        except (LvmError, KubeError) as exc:  # this volume's failure, not the pass's
+            log.warning("volume %s not released yet: %s", volume.metadata.name, exc)
+            return False
         return True

@@ -84,6 +84,7 @@ def segment_statuses(
     errors: dict[str, str],
     refused: dict[str, str] | None = None,
     sizes: dict[str, str] | None = None,
+    held: dict[str, str] | None = None,
 ) -> dict[str, list[SegmentStatus]]:
     """Per volume, the status entries of this node's segments: ready once the subsystem is
     exported with its namespace enabled, on every endpoint, to exactly the allowed hosts,
@@ -91,7 +92,8 @@ def segment_statuses(
     ready segment's message says which of the volume's hosts were refused (refused: host
     NQN -> why), since those are left out of its allowed hosts and listed as kept (their
     live controllers stay). sizes: each segment's logical volume size by subsystem NQN, as it is
-    now."""
+    now. held: segments served as they were while a change of them failed, and why (a
+    failed grow): ready, with that message."""
     out: dict[str, list[SegmentStatus]] = {}
     hosts_of = {v.metadata.name: v.spec.hosts for v in volumes}
     for seg in local_segments(node, volumes):
@@ -108,9 +110,12 @@ def segment_statuses(
         if message is None and cutting:
             message = f"cutting off {', '.join(cutting)}: its live controllers are not ended yet"
         ready = message is None
-        if ready and refused:
-            why = [refused[h] for h in sorted(refused_here)]
-            message = "; ".join(why) or None
+        if ready:
+            why = [
+                (held or {}).get(seg.nqn, ""),
+                *((refused or {})[h] for h in sorted(refused_here)),
+            ]
+            message = "; ".join(w for w in why if w) or None
         out.setdefault(seg.volume, []).append(
             SegmentStatus(
                 index=seg.segment.index,
