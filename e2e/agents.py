@@ -147,10 +147,13 @@ def run_agents(lab: Lab, crds: LocalCluster) -> Iterator[LocalCluster]:
 def leave_nothing_behind(lab: Lab, cluster: LocalCluster) -> None:
     """Every Snapshot and Volume deleted through running agents (one a scenario stopped is
     started again), and the GPU VMs' NVMe connections and stripes gone."""
+    revived = lab.revive()  # a scenario that failed with a VM down left it down
     for gpu in (GPU0, GPU1):
         lab.exec(gpu.name, "dmsetup remove_all; mdadm --stop --scan; nvme disconnect-all",
                  check=False)  # fmt: skip
     for spec in NODES:
+        if spec.name in revived:
+            fabric_up(lab, spec)
         if not agent_running(lab, spec):
             start_agent(lab, spec)
     kube = cluster.kube

@@ -266,6 +266,13 @@ def recorded_after(lab: Lab) -> float | None:
     return float(found[-1]) if found else None
 
 
+def serving(lab: Lab, spec: VmSpec, vid: str, replica: int) -> bool:
+    """The storage VM's agent exports that replica again (linked on its ports)."""
+    nqn = naming.subsystem_nqn(vid, 0, replica)
+    found = f"ls /sys/kernel/config/nvmet/ports/*/subsystems/{nqn}"
+    return lab.exec(spec.name, found, check=False).rc == 0
+
+
 def write_random(lab: Lab, device: str, tag: str, mib: int = 8) -> str:
     """Random bytes written to the device's start and flushed (acknowledged); their sha256."""
     sh(lab, VM, f"dd if=/dev/urandom of=/run/faults/{tag} bs=1M count={mib} 2>/dev/null && "
@@ -301,17 +308,24 @@ def test_a_mirror_whose_fresher_leg_is_away_is_never_assembled_from_the_stale_on
     last = write_random(lab, staged.device, "after")  # acknowledged by leg B alone
     unstage_only(driver, staged)
     lab.kill(second.name)
-    restart_storage(lab, first)
-
-    with pytest.raises(grpc.RpcError) as refused:
-        stage_on_node(driver, staged)
+    try:
+        restart_storage(lab, first)
+        assert processes.wait_until(lambda: serving(lab, first, vid, 1), 300), agent_log(
+            lab, first.name
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            stage_on_node(driver, staged)
+    finally:
+        restart_storage(lab, second)  # a failure here leaves no VM down for the next
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
     details = refused.value.details() or ""
     assert f"replica 1 on {node_name(first.name)} is out of sync" in details, details
     arrays = sh(lab, VM, "cat /proc/mdstat")
     assert mirrors.md_name(vid, 0) not in sh(lab, VM, "ls /dev/md 2>/dev/null || true"), arrays
 
-    restart_storage(lab, second)
+    assert processes.wait_until(lambda: serving(lab, second, vid, 0), 300), agent_log(
+        lab, second.name
+    )
     stage_on_node(driver, staged)
     assert read_back(lab, staged.device) == last
     healed = processes.wait_until(lambda: replicas(kube, vid) == {(0, 0): True, (0, 1): True}, 300)
