@@ -33,14 +33,19 @@ class MirrorMonitor:
     def __init__(self, node: Node, interval: float = 10.0, reconnect_every: float = 10.0) -> None:
         self.node, self.interval, self.reconnect_every = node, interval, reconnect_every
         self._tried: dict[str, float] = {}  # nqn -> when a reconnect was last tried
+        # A pass that could not finish a volume (its record not written: the API server
+        # unreachable; its lock held by a CSI call) is tried again this soon.
+        self.retry_after = min(2.0, interval)
+        self._unfinished = False
 
     def run(self, stop: threading.Event) -> None:
         arrays: list[str] = []
         while not stop.is_set():
+            wait = self.retry_after if self._unfinished else self.interval
             if arrays:
-                mirror.wait_for_change(arrays, self.interval)  # md's notice, or the interval
+                mirror.wait_for_change(arrays, wait)  # md's notice, or the wait
             else:
-                stop.wait(self.interval)
+                stop.wait(wait)
             if stop.is_set():
                 return
             arrays = self.pass_once()
@@ -53,6 +58,7 @@ class MirrorMonitor:
     def pass_once(self) -> list[str]:
         """Checks every staged mirror; returns the md arrays seen, to wait on."""
         arrays: list[str] = []
+        self._unfinished = False
         for path in sorted(self.node.state_dir.glob("*.json")):
             vid = path.stem
             try:
@@ -65,8 +71,9 @@ class MirrorMonitor:
                     if staged is not None and staged.md:
                         self.check(vid, staged)
             except CsiError:
-                continue  # a CSI call holds the volume: the next pass looks again
+                self._unfinished = True  # a CSI call holds the volume: look again soon
             except Exception:
+                self._unfinished = True  # e.g. its record not written: retried soon
                 log.exception("mirror monitor: volume %s", vid)
         return arrays
 
