@@ -5,13 +5,14 @@ the redaction that keeps DH-HMAC-CHAP keys out of logs, results and errors."""
 from __future__ import annotations
 
 import logging
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from flashmesh.csi_driver.errors import status_of
 from flashmesh.csi_driver.metrics import PathStates
 from flashmesh.dataplane import process
 from flashmesh.dataplane.initiator import nvme, sysfs
@@ -170,10 +171,22 @@ def test_a_careless_runner_cannot_leak_a_secret_into_an_error() -> None:
     assert str(failed.value) == f"nvme connect -S={REDACTED} failed (1): bad key {REDACTED}"
 
 
-def test_a_timed_out_command_is_reported_without_its_secret() -> None:
-    with pytest.raises(subprocess.TimeoutExpired) as late:
-        process.run(["sh", "-c", "sleep 5", "sh", KEY], timeout=0.2, secrets=[KEY])
-    assert KEY not in str(late.value) and REDACTED in str(late.value)
+def test_a_timed_out_command_is_a_failed_one_reported_without_its_secret() -> None:
+    late = process.run(["sh", "-c", "sleep 5", "sh", KEY], timeout=0.2, secrets=[KEY])
+    assert late.rc == process.TIMED_OUT and "timed out after 0.2 s (killed)" in late.stderr
+    failed = CommandError(late)
+    assert failed.timed_out and KEY not in str(failed) and REDACTED in str(failed)
+    # The CSI services answer it with UNAVAILABLE: the node is slow, the CO retries.
+    code, message = status_of(failed)
+    assert code == grpc.StatusCode.UNAVAILABLE and message.endswith("; retry")
+
+
+def test_commands_that_write_metadata_are_never_killed_on_a_timer() -> None:
+    for argv in (["mkfs.ext4", "-F", "/dev/x"], ["mkfs", "-t", "xfs"], ["/sbin/mdadm", "--create"],
+                 ["resize2fs", "/dev/x"], ["xfs_growfs", "/m"], ["fsck.ext4", "-p"]):  # fmt: skip
+        assert process.timeout_for(argv) is None, argv
+    for argv in (["lvextend", "vg/lv"], ["nvme", "connect"], ["blkid", "-p"]):
+        assert process.timeout_for(argv) == process.DEFAULT_TIMEOUT, argv
 
 
 def test_without_secrets_nothing_changes() -> None:

@@ -12,6 +12,7 @@ import grpc
 from flashmesh.core.capacity import CapacityError
 from flashmesh.core.params import ParameterError
 from flashmesh.core.placement import PlacementError
+from flashmesh.dataplane.process import CommandError
 
 
 class CsiError(Exception):
@@ -47,6 +48,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             else (grpc.StatusCode.RESOURCE_EXHAUSTED)
         )
         return code, str(exc)
+    if isinstance(exc, CommandError) and exc.timed_out:
+        # The node is slow, not the request wrong: the CO retries, and the step it left is
+        # finished or redone then (the commands that must not stop half-way have no limit).
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry"
     # flashmesh.kube (and the large kubernetes client) is imported only by the components
     # that talk to the API: a node plugin starts without it, and cannot raise its errors.
     kube = sys.modules.get("flashmesh.kube")
