@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from flashmesh.dataplane.host_keys import key_problem, malformed
+from flashmesh.dataplane.host_keys import key_problem, keys_from_secrets, malformed
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-000000000001"
 
@@ -40,3 +40,10 @@ def test_a_malformed_key_says_why_without_quoting_it(bad: str, why: str) -> None
     [(host, message)] = malformed({HOST: bad, "nqn.other": key(bytes(32))}).items()
     assert host == HOST and why in message and bad not in message
     assert "fix its data.key" in message
+
+
+def test_a_secret_that_is_not_text_refuses_its_host_instead_of_raising() -> None:
+    secret = {"metadata": {"annotations": {"flashmesh.dev/host-nqn": HOST}},
+              "data": {"key": base64.b64encode(b"\xff\xfe DHHC").decode()}}  # fmt: skip
+    keys = keys_from_secrets([secret])
+    assert "not of the form" in malformed(keys)[HOST]

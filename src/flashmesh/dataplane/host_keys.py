@@ -35,7 +35,9 @@ def keys_from_secrets(secrets: Iterable[dict[str, Any]]) -> dict[str, str]:
         nqn = (secret["metadata"].get("annotations") or {}).get(HOST_NQN_ANNOTATION)
         data = (secret.get("data") or {}).get("key")
         if nqn and data:
-            keys[nqn] = base64.b64decode(data).decode().strip()
+            # Bytes that are not text stay in, replaced, for malformed() to refuse that host
+            # (raising here would stop the agent's whole pass).
+            keys[nqn] = base64.b64decode(data).decode(errors="replace").strip()
     return keys
 
 
