@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.csi_driver.controller import TOPOLOGY_KEY
 from flashmesh.csi_driver.errors import CsiError
-from flashmesh.csi_driver.node import Node
+from flashmesh.csi_driver.node import Node, Staged
 from flashmesh.csi_driver.server import serve
 from flashmesh.dataplane.process import Result
 
@@ -82,6 +82,8 @@ BAD = [
                                   volume_capability=MOUNT), Code.INVALID_ARGUMENT, "target_path"),
     ("NodePublishVolume", PUBLISH(volume_id="fm-1", target_path="/t", staging_target_path="/s"),
      Code.INVALID_ARGUMENT, "volume_capability is missing"),
+    ("NodePublishVolume", PUBLISH(volume_id="fm-1", target_path="/t", volume_capability=MOUNT),
+     Code.FAILED_PRECONDITION, "staging_target_path is not set for fm-1"),
     ("NodePublishVolume", PUBLISH(volume_id="fm-1", target_path="/t", staging_target_path="/s",
                                   volume_capability=MOUNT), Code.FAILED_PRECONDITION,
      "not staged on this node"),
@@ -222,4 +224,23 @@ def test_a_mirror_is_never_staged_for_many_nodes(tmp_path: Path) -> None:
     assert (
         "a mirrored volume (replicas: 2) is attached to one node at a time, so "
         "MULTI_NODE_READER_ONLY cannot be served" in caught.value.message
+    )
+
+
+def test_a_repeated_stage_that_asks_for_something_else_is_already_exists(tmp_path: Path) -> None:
+    """A volume staged as a raw block device and asked again as a filesystem (or as another
+    filesystem) would have its state overwritten: ALREADY_EXISTS, nothing run."""
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=no_commands)
+    node.state_dir.mkdir(parents=True)
+    node._save("fm-1", Staged(["nqn.a"], "/dev/nvme1n1", None, True, None))
+    segments = json.dumps([{"nqn": "nqn.a", "endpoints": ["tcp:10.77.0.1:4420"]}])
+    request = STAGE(volume_id="fm-1", staging_target_path=str(tmp_path / "s"),
+                    volume_capability=MOUNT, volume_context={"pool": "p"},
+                    publish_context={"segments": segments})  # fmt: skip
+    with pytest.raises(CsiError) as caught:
+        node.NodeStageVolume(request, None)
+    assert caught.value.code == Code.ALREADY_EXISTS
+    assert caught.value.message == (
+        "volume fm-1 is staged on this node as a raw block device, not a ext4 filesystem: "
+        "NodeUnstageVolume it first"
     )

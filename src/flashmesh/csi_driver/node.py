@@ -38,6 +38,10 @@ def _fail(code: grpc.StatusCode, message: str) -> CsiError:
     return CsiError(code, message)
 
 
+def _described(block: bool, fstype: str | None) -> str:
+    return "a raw block device" if block else f"a {fstype} filesystem"
+
+
 def _events(members: list[str]) -> int | None:
     """The lowest md event count among these members' superblocks (md writes them all at
     once; the lowest is the one every in-sync member is known to have reached)."""
@@ -190,6 +194,14 @@ class Node(csi_pb2_grpc.NodeServicer):
             secret = self.secret(wanted, dict(request.secrets))
             block = cap.WhichOneof("access_type") == "block"
             fstype = None if block else capabilities.fs_type(cap)
+            before = self.load(vid)
+            if before is not None and (before.block, before.fstype) != (block, fstype):
+                was = _described(before.block, before.fstype)
+                raise _fail(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"volume {vid} is staged on this node as {was}, not "
+                    f"{_described(block, fstype)}: NodeUnstageVolume it first",
+                )
             if chosen.layout.replicas > 1:
                 staged = self._stage_mirrored(vid, segments, chosen, secret)
                 staged.block, staged.fstype = block, fstype
@@ -497,8 +509,14 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def NodePublishVolume(self, request: Any, context: Any) -> csi_pb2.NodePublishVolumeResponse:
         vid, target, staging = request.volume_id, request.target_path, request.staging_target_path
-        require(request, "volume_id", "target_path", "staging_target_path", "volume_capability")
+        require(request, "volume_id", "target_path", "volume_capability")
         capabilities.check([request.volume_capability], "volume_capability")
+        if not staging:  # the spec's own row for it: FAILED_PRECONDITION, not a bad argument
+            raise _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"staging_target_path is not set for {vid}: this driver stages volumes "
+                "(STAGE_UNSTAGE_VOLUME); call NodeStageVolume and publish from its path",
+            )
         with self.locks.hold(vid):
             staged = self.load(vid)
             if staged is None:
