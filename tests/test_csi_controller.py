@@ -569,3 +569,33 @@ def test_every_call_is_timed_by_method_and_code(stub: Any) -> None:
     stub[1].GetPluginInfo(csi_pb2.GetPluginInfoRequest())
     after = count("CreateVolume", "INVALID_ARGUMENT"), count("GetPluginInfo", "OK")
     assert after == (before[0] + 1, before[1] + 1)
+
+
+def test_a_retried_expand_waits_for_the_segments_too(
+    stub: Any, pool: Kube, controller: Controller
+) -> None:
+    """The resizer retries an expand whose wait ran out (a storage node down); the spec is
+    grown already, and the retry must not answer OK before the segments have the size,
+    or the PV is called grown while a segment is not."""
+    code_of(stub[0].CreateVolume, create("pvc-expand", size=8 * MIB))
+    vid = naming.volume_id("pvc-expand")
+    volume = pool.get(API, "Volume", vid) or {}
+
+    def report(size: str) -> None:
+        segments = [{"index": s["index"], "replica": s["replica"], "node": s["node"],
+                     "ready": True, "hosts": [], "size": size}
+                    for s in volume["spec"]["segments"]]  # fmt: skip
+        body = {"status": {"segments": segments}}
+        cached(controller.cluster.cache.volumes,
+               pool.patch(API, "Volume", vid, body, subresource="status"))  # fmt: skip
+
+    report("4Mi")
+    expand = csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=16 * MIB)
+    )
+    got, message = code_of(stub[0].ControllerExpandVolume, expand)
+    assert got == Code.DEADLINE_EXCEEDED and "growing to 8388608 bytes" in message, message
+    got, message = code_of(stub[0].ControllerExpandVolume, expand)  # the resizer's retry
+    assert got == Code.DEADLINE_EXCEEDED and "growing to 8388608 bytes" in message, message
+    report("8Mi")
+    assert code_of(stub[0].ControllerExpandVolume, expand)[0] == Code.OK

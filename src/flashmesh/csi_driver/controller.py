@@ -588,7 +588,14 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if size > current:
                 self._grow(volume, size)
             else:
+                # A retry of a grow already asked (a storage node was down): OK only once
+                # every segment has its size, or the resizer would call the PV grown early.
                 size = current
+                segment = mirrors.segment_bytes(size, layout.stripe_width, layout.replicas)
+                self.cluster.wait(
+                    f"growing volume {vid}",
+                    lambda: segments_missing(self.cluster.volume(vid), size=segment),
+                )
             return csi_pb2.ControllerExpandVolumeResponse(
                 capacity_bytes=size, node_expansion_required=not block
             )
