@@ -596,8 +596,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     f"growing volume {vid}",
                     lambda: segments_missing(self.cluster.volume(vid), size=segment),
                 )
+            # A block volume needs the node only where the node assembled it (a dm stripe
+            # or md mirror takes its legs' new size when told); a lone namespace grows alone.
+            assembled = layout.stripe_width > 1 or layout.replicas > 1
             return csi_pb2.ControllerExpandVolumeResponse(
-                capacity_bytes=size, node_expansion_required=not block
+                capacity_bytes=size, node_expansion_required=not block or assembled
             )
 
     def _grow(self, volume: Volume, size: int) -> None:
