@@ -207,7 +207,7 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     assert {c["name"]: (c["image"], c["args"]) for c in controller["containers"][1:]} == {
         "csi-provisioner": (
             f"{SIDECARS}/csi-provisioner:v6.3.0",
-            [*common, "--extra-create-metadata", "--feature-gates=Topology=true", *election],
+            [*common, "--extra-create-metadata", *election],  # Topology is GA: no gate
         ),
         "csi-attacher": (f"{SIDECARS}/csi-attacher:v4.12.0", [*common, *election]),
         "csi-resizer": (f"{SIDECARS}/csi-resizer:v2.2.0", [*common, *election]),
@@ -240,6 +240,8 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     etc = [m for m in plugin["volumeMounts"] if m["name"] == "etc-nvme"]
     assert etc == [{"name": "etc-nvme", "mountPath": "/etc/nvme", "readOnly": True}]
     assert node["nodeSelector"] == {"flashmesh.dev/gpu": "true"}
+    # Every taint: a tainted node still has volumes only the node plugin can unmount.
+    assert node["tolerations"] == [{"operator": "Exists"}]
 
     agent = pod_spec(rendered, "agent")
     main = container(agent, "agent")

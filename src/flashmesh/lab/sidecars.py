@@ -47,7 +47,7 @@ class Sidecars:
         address = f"--csi-address={self.socket}"
         commands = {
             "csi-provisioner": [str(tools.csi_provisioner), address, *common, "--timeout=300s",
-                                "--extra-create-metadata", "--feature-gates=Topology=true"],
+                                "--extra-create-metadata"],  # Topology is GA (on)
             "csi-attacher": [str(tools.csi_attacher), address, *common, "--timeout=300s"],
             "csi-resizer": [str(tools.csi_resizer), address, *common, "--timeout=300s"],
             "csi-snapshotter": [str(tools.csi_snapshotter), address, *common, "--timeout=300s"],
