@@ -16,7 +16,7 @@ from helpers import GPU0, STORAGE0, STORAGE1, Scenario, sh
 
 from flashmesh.lab.vm import Lab, VmSpec, host_nqn, vm_uuid
 
-pytestmark = [pytest.mark.kernel, pytest.mark.second_lab]
+pytestmark = pytest.mark.kernel
 
 WALK = Path(__file__).resolve().parent / "guest" / "initiator_walk.py"
 GPU = GPU0.name

@@ -13,7 +13,7 @@ from helpers import GPU0, STORAGE0, STORAGE1, Scenario, sh
 
 from flashmesh.lab.vm import Lab, host_nqn
 
-pytestmark = [pytest.mark.kernel, pytest.mark.second_lab]
+pytestmark = pytest.mark.kernel
 
 WALK = Path(__file__).resolve().parent / "guest" / "target_walk.py"
 
