@@ -19,6 +19,8 @@ from flashmesh.csi_driver.controller import TOPOLOGY_KEY
 from flashmesh.csi_driver.errors import CsiError
 from flashmesh.csi_driver.node import Node, Staged
 from flashmesh.csi_driver.server import serve
+from flashmesh.dataplane.initiator import nvme, sysfs
+from flashmesh.dataplane.initiator.sysfs import Subsystem
 from flashmesh.dataplane.process import Result
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:0b4a0000-0000-4000-8000-000000000001"
@@ -244,3 +246,61 @@ def test_a_repeated_stage_that_asks_for_something_else_is_already_exists(tmp_pat
         "volume fm-1 is staged on this node as a raw block device, not a ext4 filesystem: "
         "NodeUnstageVolume it first"
     )
+
+
+VID = "fm-000000000002"
+SEGMENTS = [{"nqn": f"nqn.2026-11.dev.flashmesh:{VID}.s{i}r0", "index": i, "replica": 0,
+             "endpoints": [f"tcp:10.77.0.{i + 1}:4420"]} for i in (0, 1)]  # fmt: skip
+
+
+def test_a_stage_that_fails_half_way_leaves_nothing_connected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=no_commands)
+    gone: list[str] = []
+    monkeypatch.setattr(nvme, "disconnect", lambda runner, nqn: gone.append(nqn) or True)
+
+    def connect(nqn: str, *_: Any) -> str:
+        if nqn.endswith("s1r0"):
+            raise CsiError(Code.UNAVAILABLE, f"connecting {nqn}: no route")
+        return "/dev/nvme1n1"
+
+    monkeypatch.setattr(node, "connect", connect)
+    request = STAGE(volume_id=VID, staging_target_path=str(tmp_path / "s"),
+                    volume_capability=MOUNT, volume_context={"pool": "p", "stripeWidth": "2"},
+                    publish_context={"segments": json.dumps(SEGMENTS)})  # fmt: skip
+    with pytest.raises(CsiError) as caught:
+        node.NodeStageVolume(request, None)
+    assert caught.value.code == Code.UNAVAILABLE
+    assert gone == [s["nqn"] for s in SEGMENTS]  # the first was connected: it goes too
+    assert node.load(VID) is None
+
+
+def test_an_unstage_with_no_record_disconnects_the_volumes_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin killed mid-stage saved no record; its segments are found by their NQNs."""
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=no_commands)
+    connected = [*(s["nqn"] for s in SEGMENTS), "nqn.2026-11.dev.flashmesh:fm-000000000003.s0r0"]
+    monkeypatch.setattr(sysfs, "subsystems", lambda: [Subsystem(f"s{i}", n)
+                                                     for i, n in enumerate(connected)])  # fmt: skip
+    gone: list[str] = []
+    monkeypatch.setattr(nvme, "disconnect", lambda runner, nqn: gone.append(nqn) or True)
+    node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=VID, staging_target_path=str(tmp_path)), None
+    )
+    assert gone == [s["nqn"] for s in SEGMENTS]  # another volume's segment stays
+
+
+def test_stats_are_only_given_for_a_mounted_path(tmp_path: Path) -> None:
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=no_commands)
+    node.state_dir.mkdir(parents=True)
+    node._save(VID, Staged(["nqn.a"], "/dev/nvme1n1", None, False, "ext4"))
+    lost = tmp_path / "target"  # its mount gone: statvfs would measure the disk under it
+    lost.mkdir()
+    with pytest.raises(CsiError) as caught:
+        node.NodeGetVolumeStats(
+            csi_pb2.NodeGetVolumeStatsRequest(volume_id=VID, volume_path=str(lost)), None
+        )
+    assert caught.value.code == Code.NOT_FOUND
+    assert caught.value.message == f"volume {VID} is not mounted at {lost}"

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from flashmesh.core import mirrors, params
+from flashmesh.core import mirrors, naming, params
 from flashmesh.core.resources import TOPOLOGY_KEY
 from flashmesh.csi_driver import capabilities
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
@@ -36,6 +36,12 @@ STAGE_SECRET_KEY = "dhchapKey"
 
 def _fail(code: grpc.StatusCode, message: str) -> CsiError:
     return CsiError(code, message)
+
+
+def _connected_segments(vid: str) -> list[str]:
+    """The NQNs of this volume's segments the host has a subsystem of."""
+    prefix = naming.subsystem_nqn(vid, 0, 0).rsplit(".", 1)[0] + "."
+    return [s.nqn for s in sysfs.subsystems() if s.nqn.startswith(prefix)]
 
 
 def _described(block: bool, fstype: str | None) -> str:
@@ -208,8 +214,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                 staged.context = dict(request.volume_context)
                 device = staged.device
             else:
-                devices = [self.connect(s["nqn"], s["endpoints"], chosen, secret) for s in segments]
-                device, dm = self._assemble(vid, devices)
+                device, dm = self._connect_all(vid, segments, chosen, secret, before is None)
                 staged = Staged([s["nqn"] for s in segments], device, dm, block, fstype)
             self._save(vid, staged)
             read_only = cap.access_mode.mode in capabilities.READ_ONLY or (
@@ -420,6 +425,28 @@ class Node(csi_pb2_grpc.NodeServicer):
                 raise _fail(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         return device
 
+    def _connect_all(
+        self, vid: str, segments: list[dict[str, Any]], chosen: params.VolumeParams,
+        secret: str | None, first: bool,
+    ) -> tuple[str, str | None]:  # fmt: skip
+        """Every segment connected and striped; a first stage that fails half-way leaves
+        nothing connected (no state is saved for NodeUnstage to undo it from)."""
+        tried: list[str] = []
+        try:
+            devices = []
+            for seg in segments:
+                tried.append(seg["nqn"])
+                devices.append(self.connect(seg["nqn"], seg["endpoints"], chosen, secret))
+            return self._assemble(vid, devices)
+        except Exception:
+            if first:
+                for nqn in tried:
+                    try:
+                        nvme.disconnect(self.runner, nqn)
+                    except nvme.InitiatorError as exc:
+                        log.warning("volume %s: %s", vid, exc)
+            raise
+
     def _assemble(self, vid: str, devices: list[str]) -> tuple[str, str | None]:
         if len(devices) == 1:
             return devices[0], None
@@ -498,6 +525,11 @@ class Node(csi_pb2_grpc.NodeServicer):
                     for nqn in staged.nqns:
                         nvme.disconnect(self.runner, nqn)
                     self._state(vid).unlink(missing_ok=True)
+                else:
+                    # A stage that died before it saved its record (the plugin killed): its
+                    # segments' NQNs follow from the volume id, so nothing stays connected.
+                    for nqn in _connected_segments(vid):
+                        nvme.disconnect(self.runner, nqn)
             except (
                 filesystem.FilesystemError, assembly.AssemblyError, nvme.InitiatorError,
                 mirror.MirrorError,
@@ -577,6 +609,9 @@ class Node(csi_pb2_grpc.NodeServicer):
         if staged is None:
             raise not_found(f"volume {vid} is not staged on this node")
         Unit = csi_pb2.VolumeUsage
+        if Path(path).is_dir() and filesystem.mounted_at(path) is None:
+            # statvfs here would report the disk under it (the kubelet's), not the volume.
+            raise not_found(f"volume {vid} is not mounted at {path}")
         if Path(path).is_dir():
             fs = os.statvfs(path)
             usage = [
