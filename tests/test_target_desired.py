@@ -39,7 +39,7 @@ def test_each_local_segment_is_a_subsystem_on_every_endpoint() -> None:
         ns.device_path == f"/dev/mapper/flashmesh--fast-{a.metadata.name.replace('-', '--')}--s0r0"
     )
     assert ns.device_uuid == naming.namespace_uuid(nqn_a)
-    assert sorted(target.ports) == [PORT_ID_BASE, PORT_ID_BASE + 1]
+    assert sorted(target.ports) == [PORT_ID_BASE, PORT_ID_BASE + 16]
     assert {p.trtype for p in target.ports.values()} == {"tcp", "rdma"}
     assert all(p.subsystems == {nqn_a, nqn_b} for p in target.ports.values())
     assert set(target.hosts) == {HOST, OTHER}
@@ -111,3 +111,18 @@ def test_a_segment_whose_grow_failed_stays_ready_and_says_why() -> None:
         "node-1", [a], done, ENDPOINTS, {}, sizes={nqn: "1Gi"}, held={nqn: why}
     )[a.metadata.name]
     assert status.ready and status.message == why and status.size == "1Gi"
+
+
+def test_an_rdma_link_flap_never_renumbers_the_tcp_port() -> None:
+    """Ports were numbered by their place in the sorted endpoints: an RDMA endpoint going
+    away moved tcp's port to another id, made anew, dropping every TCP host."""
+    a = volume("pvc-a", ["node-1"], [HOST])
+    tcp = [e for e in ENDPOINTS if e.transport == "tcp"]
+    both = desired_target("node-1", [a], VG, ENDPOINTS).ports
+    flapped = desired_target("node-1", [a], VG, tcp).ports
+    [tcp_id] = [i for i, p in both.items() if p.trtype == "tcp"]
+    assert list(flapped) == [tcp_id] == [PORT_ID_BASE]
+    assert flapped[tcp_id] == both[tcp_id]
+    # Two addresses of one transport: one port each, within that transport's block.
+    two = [*tcp, Endpoint("tcp", "10.77.1.1", 4420)]
+    assert sorted(desired_target("node-1", [a], VG, two).ports) == [PORT_ID_BASE, PORT_ID_BASE + 1]

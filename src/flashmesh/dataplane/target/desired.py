@@ -68,12 +68,27 @@ def desired_target(
             key = (host_keys or {}).get(host)
             target.hosts[host] = Host(host, dhchap_key=key)
     linked = frozenset(target.subsystems)
-    for number, ep in enumerate(sorted(endpoints, key=lambda e: (e.transport, e.address))):
-        port_id = PORT_ID_BASE + number
+    for ep in endpoints:
+        port_id = port_id_of(ep, endpoints)
         target.ports[port_id] = Port(
             port_id, ep.transport, ep.address, str(ep.port), subsystems=linked
         )
     return target
+
+
+# Each transport has its own block of nvmet port ids, so one transport's endpoints coming
+# and going (an RDMA link flap) never renumbers another's: a renumbered port is made anew,
+# which drops every host connected through it.
+TRANSPORT_BLOCK = {"tcp": 0, "rdma": 1}
+PORTS_PER_TRANSPORT = 16
+
+
+def port_id_of(endpoint: Endpoint, endpoints: list[Endpoint]) -> int:
+    """The nvmet port id of an endpoint: its transport's block, then its place among that
+    transport's addresses (tcp's first address keeps the id it always had)."""
+    block = TRANSPORT_BLOCK.get(endpoint.transport, len(TRANSPORT_BLOCK))
+    same = sorted({e.address for e in endpoints if e.transport == endpoint.transport})
+    return PORT_ID_BASE + block * PORTS_PER_TRANSPORT + same.index(endpoint.address)
 
 
 def segment_statuses(
