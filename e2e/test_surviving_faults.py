@@ -223,8 +223,10 @@ def test_a_mirror_loses_a_storage_node_without_losing_a_write_then_resyncs(
     assert behind, f"{replicas(kube, vid)}\n{logs()}"
     condition = in_sync_condition(kube, vid)
     assert condition["status"] == "False" and node_name(lost.name) in condition["message"]
-    window = recorded_after(lab)
-    assert window is not None, node_log(lab, VM)
+    # The node plugin logs the window just after its write returns: the record can be
+    # seen a moment before the line is.
+    assert processes.wait_until(lambda: recorded_after(lab) is not None, 60), node_log(lab, VM)
+    window = recorded_after(lab) or 0.0
     done_before = len(loop.passes())
     assert processes.wait_until(lambda: loop.ok_after(done_before + 2), 900), loop.passes()
     degraded_for = time.monotonic() - killed_at

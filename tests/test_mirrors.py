@@ -221,3 +221,25 @@ def test_only_a_mirror_never_recorded_may_be_created() -> None:
     made = {(0, r): mirrors.ReplicaRecord(0, r, True, mirrors.IN_SYNC) for r in (0, 1)}
     again = mirrors.plan_stage(2, 2, made, reachable, NODES)
     assert again.creatable == {1}
+
+
+def test_a_stop_that_meets_udevs_probe_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """udev opens an array to probe it when a writer closes it: mdadm --stop then says the
+    device is busy for a moment (seen in the lab: NodeUnstage failed INTERNAL)."""
+    answers = [1, 1, 0]
+    ran: list[list[str]] = []
+
+    def runner(argv: Sequence[str]) -> Result:
+        ran.append(list(argv))
+        rc = answers.pop(0)
+        return Result(tuple(argv), rc, "", "mdadm: failed to stop array: Device or resource busy")
+
+    monkeypatch.setattr(mirror, "kernel_name", lambda name: "md127" if answers else None)
+    monkeypatch.setattr(mirror, "STOP_PAUSE", 0)
+    monkeypatch.setattr(mirror, "forget", lambda name: None)
+    mirror.stop(runner, "fm-1-s0")
+    assert len(ran) == 3
+    other: Runner = lambda argv: Result(tuple(argv), 1, "", "mdadm: no such array")  # noqa: E731
+    monkeypatch.setattr(mirror, "kernel_name", lambda name: "md127")
+    with pytest.raises(mirror.MirrorError, match="no such array"):
+        mirror.stop(other, "fm-1-s0")

@@ -143,9 +143,23 @@ def remove_failed(runner: Runner, name: str) -> None:
         runner(["mdadm", md_path(name), "--remove", keyword])
 
 
+# udev opens a block device to probe it whenever a writer closes it (its "watch" rule),
+# so a stop right after the last write can meet the array busy for a moment.
+STOP_TRIES = 20
+STOP_PAUSE = 0.5
+
+
 def stop(runner: Runner, name: str) -> None:
-    if kernel_name(name) is not None:
-        _mdadm(runner, ["--stop", md_path(name)], f"stopping {name}")
+    for attempt in range(STOP_TRIES):
+        if kernel_name(name) is None:
+            break
+        result = runner(["mdadm", "--stop", md_path(name)])
+        if result.rc == 0:
+            break
+        busy = "busy" in (result.stderr + result.stdout).lower()
+        if not busy or attempt == STOP_TRIES - 1:
+            raise MirrorError(f"stopping {name}: {process.CommandError(result)}")
+        time.sleep(STOP_PAUSE)
     forget(name)
 
 
