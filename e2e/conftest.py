@@ -154,7 +154,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
                 f"{item.name}: a guest kernel panicked while it ran; run again on the rebooted VM"
             )
         del item.stash[_PANICS_BEFORE]  # the second attempt is not retried
-        forget_failed_fixtures(item)  # (a module fixture's error would fail it again)
+        # A module fixture's error would fail it again, and what a module fixture started
+        # in the VM that panicked (a node plugin) is gone: both are set up afresh.
+        forget_failed_fixtures(item, every_module_one=True)
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
     for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)

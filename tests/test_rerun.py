@@ -84,3 +84,38 @@ def test_one_setup(lab_run):
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+# The module fixture's process died with the VM: a rerun that kept it would fail again.
+ALIVE_CONFTEST = RERUN_CONFTEST.replace(
+    "forget_failed_fixtures(item)", "forget_failed_fixtures(item, every_module_one=True)"
+)
+DIED_WITH_THE_VM = """
+import pytest
+
+PLUGINS = []
+
+@pytest.fixture(scope="module")
+def node_plugin():
+    plugin = {"alive": True}
+    PLUGINS.append(plugin)
+    yield plugin
+    plugin["stopped"] = True
+
+def test_panics_under_it(node_plugin):
+    if len(PLUGINS) == 1:
+        node_plugin["alive"] = False  # the VM it ran in panicked
+    assert node_plugin["alive"]
+
+def test_the_next_scenario_has_a_live_one(node_plugin):
+    assert node_plugin["alive"] and len(PLUGINS) == 2 and PLUGINS[0]["stopped"]
+"""
+
+
+def test_after_a_panic_a_module_fixture_that_succeeded_is_set_up_again_too(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(ALIVE_CONFTEST)
+    pytester.makepyfile(test_scenarios=DIED_WITH_THE_VM)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
