@@ -50,19 +50,20 @@ def test_set_up_twice_torn_down_once():
 """
 
 
+def run(pytester: pytest.Pytester, conftest: str, scenarios: str) -> pytest.RunResult:
+    """The scenarios in a session of their own, rerun as the conftest says."""
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_scenarios=scenarios)
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider")
+
+
 def test_a_module_fixture_that_failed_is_set_up_again_on_the_rerun(
     pytester: pytest.Pytester,
 ) -> None:
-    pytester.makeconftest(RERUN_CONFTEST)
-    pytester.makepyfile(test_scenarios=SCENARIOS)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
+    run(pytester, RERUN_CONFTEST, SCENARIOS).assert_outcomes(passed=3)
 
 
-def test_a_fixture_that_succeeded_is_kept(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(RERUN_CONFTEST)
-    pytester.makepyfile(
-        test_kept="""
+KEPT = """
 import pytest
 
 SETUPS = []
@@ -81,9 +82,10 @@ def test_fails_once(lab_run):
 def test_one_setup(lab_run):
     assert len(SETUPS) == 1
 """
-    )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+
+
+def test_a_fixture_that_succeeded_is_kept(pytester: pytest.Pytester) -> None:
+    run(pytester, RERUN_CONFTEST, KEPT).assert_outcomes(passed=2)
 
 
 # The module fixture's process died with the VM: a rerun that kept it would fail again.
@@ -115,7 +117,4 @@ def test_the_next_scenario_has_a_live_one(node_plugin):
 def test_after_a_panic_a_module_fixture_that_succeeded_is_set_up_again_too(
     pytester: pytest.Pytester,
 ) -> None:
-    pytester.makeconftest(ALIVE_CONFTEST)
-    pytester.makepyfile(test_scenarios=DIED_WITH_THE_VM)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    run(pytester, ALIVE_CONFTEST, DIED_WITH_THE_VM).assert_outcomes(passed=2)
