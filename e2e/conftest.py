@@ -128,7 +128,11 @@ def _log_tails(lab: Lab, lines: int = 25) -> str:
     """The last lines of every component's log in the lab's folder: the lab (and these
     logs) are gone when the session ends, and a CI run leaves only its output."""
     parts = []
-    for log in sorted(lab.workdir.glob("*.log")) + sorted((lab.workdir / "logs").glob("*.log")):
+    logs = sorted(lab.workdir.glob("*.log")) + sorted((lab.workdir / "logs").glob("*.log"))
+    # The CSI driver's first: a long output is cut in its middle, and the calls a
+    # scenario makes are the driver's.
+    logs.sort(key=lambda log: not log.name.startswith("csi-"))
+    for log in logs:
         tail = log.read_text(errors="replace").splitlines()[-lines:]
         parts.append(f"--- {log.relative_to(lab.workdir)}\n" + "\n".join(tail))
     return "\n".join(parts)

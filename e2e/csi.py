@@ -80,7 +80,8 @@ def node_log(lab: Lab, vm: str) -> str:
 
 def start_node_plugin(lab: Lab, cluster: LocalCluster, vm: str) -> None:
     """The node plugin in a GPU VM, and the CSINode its kubelet would write."""
-    sh(lab, vm, f"rm -f {NODE_SOCKET}; pkill -f 'flashmesh.cli csi' || true")
+    stop_node_plugin(lab, vm)
+    sh(lab, vm, f"rm -f {NODE_SOCKET}")
     lab.spawn(
         vm,
         f"export FLASHMESH_NODE_STATE=/run/flashmesh-node\n"
@@ -92,6 +93,8 @@ def start_node_plugin(lab: Lab, cluster: LocalCluster, vm: str) -> None:
     assert processes.wait_until(
         lambda: lab.exec(vm, f"test -S {NODE_SOCKET}", check=False).rc == 0, 300
     ), node_log(lab, vm)
+    address = f"{lab.spec(vm).address(0)}:{NODE_PORT}"
+    assert processes.wait_until(lambda: _serving(address), 120), node_log(lab, vm)
     kube = cluster.kube
     body = {
         "apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": {"name": vm},
@@ -103,7 +106,15 @@ def start_node_plugin(lab: Lab, cluster: LocalCluster, vm: str) -> None:
 
 
 def stop_node_plugin(lab: Lab, vm: str) -> None:
-    lab.exec(vm, "pkill -f 'flashmesh.cli csi' || true", check=False)
+    """Ends the VM's node plugin and returns once it is gone: a plugin still shutting
+    down keeps its port (gRPC binds with SO_REUSEPORT) and would take a new one's calls."""
+    plugin = "'[f]lashmesh.cli csi'"  # the bracket keeps the shell's own line from matching
+    lab.exec(
+        vm,
+        f"pkill -f {plugin}; for i in $(seq 150); do pgrep -f {plugin} >/dev/null || exit 0; "
+        f"sleep 0.2; done; pkill -9 -f {plugin}; true",
+        check=False,
+    )
 
 
 def controller_stub(address: str) -> Any:
@@ -111,4 +122,9 @@ def controller_stub(address: str) -> Any:
 
 
 def node_stub(vm_address: str) -> Any:
-    return csi_pb2_grpc.NodeStub(grpc.insecure_channel(f"{vm_address}:{NODE_PORT}"))
+    # A connection of its own: gRPC otherwise shares one with any earlier channel to the
+    # same address, which may lead to a plugin process since ended or a VM since rebooted.
+    channel = grpc.insecure_channel(
+        f"{vm_address}:{NODE_PORT}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    return csi_pb2_grpc.NodeStub(channel)

@@ -274,6 +274,29 @@ def test_a_volume_is_placed_then_waits_for_agents_and_repeats_are_checked(
     assert got == Code.ABORTED and "already in progress" in message
 
 
+def test_a_new_volume_follows_a_pool_change_the_watch_has_not_delivered(
+    pool: Kube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Authentication turned on a moment before a PVC: the new volume's context asks
+    NodeStage for the host's key even while the controller's pool watch is behind (here a
+    cache filled once and never watched); the agents require the key from then on."""
+    cluster = Cluster(pool, NS, wait_seconds=0.3).start()
+    behind = Informer(pool, API, "StoragePool")
+    behind.fill()
+    cluster.cache.pools = behind
+    monkeypatch.setattr(cluster, "wait", lambda what, missing: None)  # as if agents reported
+    security = {"spec": {"security": {"dhchap": True}}}
+    pool.patch(API, "StoragePool", POOL, security)
+    vid = naming.volume_id("pvc-auth-now")
+    try:
+        answer = Controller(cluster).CreateVolume(create("pvc-auth-now", size=8 * MIB), None)
+        assert answer.volume.volume_context["dhchap"] == "true"
+    finally:
+        pool.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": False}}})
+        pool.delete(API, "Volume", vid)
+        cluster.stop()
+
+
 def test_a_volume_that_does_not_fit_now_is_resource_exhausted(stub: Any, pool: Kube) -> None:
     # 2 x 1 GiB nodes with 52 MiB placed on each: two 1000 MiB segments could fit an empty
     # pool, but not this one now.

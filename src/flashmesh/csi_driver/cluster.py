@@ -67,10 +67,12 @@ class Cluster:
         # there means the object is gone.
         return not getattr(self._local, "waiting", False)
 
-    def pool(self, name: str) -> StoragePool:
+    def pool(self, name: str, fresh: bool = False) -> StoragePool:
         # A StorageClass and its pool are often applied together: one GET before a
-        # PVC of a pool just made is refused as INVALID_ARGUMENT.
-        data = self._cache().pools.get(name)
+        # PVC of a pool just made is refused as INVALID_ARGUMENT. A new volume reads its
+        # pool fresh (`fresh`): a setting changed a moment ago (authentication turned on)
+        # applies to the next volume even while the watch is behind.
+        data = None if fresh and self._may_ask() else self._cache().pools.get(name)
         if data is None and self._may_ask():
             data = self.kube.get(API, "StoragePool", name)
         if data is None:
@@ -90,6 +92,10 @@ class Cluster:
         if data is None and self._may_ask():
             data = self.kube.get(API, "Volume", vid)
         return Volume.from_dict(data) if data else None
+
+    def has_volume(self, vid: str) -> bool:
+        """Whether the cache holds this Volume (no API request)."""
+        return self._cache().volumes.get(vid) is not None
 
     def volumes(self) -> list[Volume]:
         return [Volume.from_dict(v) for v in self._cache().volumes.items()]

@@ -113,14 +113,15 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         require(request, "name")
         capabilities.check(list(request.volume_capabilities))
         chosen = params.parse(dict(request.parameters))  # names a missing or bad parameter
-        pool = self.cluster.pool(chosen.pool)
+        vid = naming.volume_id(request.name)
+        # A repeat answers from the cache; a new volume reads its pool from the API server.
+        pool = self.cluster.pool(chosen.pool, fresh=not self.cluster.has_volume(vid))
         chosen = params.parse(dict(request.parameters), pool.spec.layout)
         for cap in request.volume_capabilities:
             why = capabilities.mirror_problem(cap, chosen.layout.replicas)
             if why:
                 raise invalid(f"volume_capabilities: {why}")
         self._check_topology(request.accessibility_requirements)
-        vid = naming.volume_id(request.name)
         rng = request.capacity_range
         default = parse_bytes(pool.spec.default_volume_size)
         copied = _copied_volume(request.volume_content_source)
