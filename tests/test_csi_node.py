@@ -260,7 +260,7 @@ def test_a_stage_that_fails_half_way_leaves_nothing_connected(
     gone: list[str] = []
     monkeypatch.setattr(nvme, "disconnect", lambda runner, nqn: gone.append(nqn) or True)
 
-    def connect(nqn: str, *_: Any) -> str:
+    def connect(vid: str, nqn: str, *_: Any) -> str:
         if nqn.endswith("s1r0"):
             raise CsiError(Code.UNAVAILABLE, f"connecting {nqn}: no route")
         return "/dev/nvme1n1"

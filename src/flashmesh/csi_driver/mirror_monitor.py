@@ -139,7 +139,7 @@ class MirrorMonitor:
         wanted = staged.context.get("dhchap") == "true"
         try:
             secret = self.node.secret(wanted, {})
-            return self.node.connect(nqn, seg["endpoints"], chosen, secret)
+            return self.node.connect(vid, nqn, seg["endpoints"], chosen, secret)
         except CsiError as exc:
             log.info("volume %s: replica %s still unreachable: %s", vid, nqn, exc)
             return None

@@ -19,7 +19,7 @@ import grpc
 
 from flashmesh.core import mirrors, naming, params
 from flashmesh.core.resources import TOPOLOGY_KEY
-from flashmesh.csi_driver import capabilities
+from flashmesh.csi_driver import capabilities, fabric_paths
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.csi_driver.errors import CsiError, invalid, not_found, require
 from flashmesh.csi_driver.locks import VolumeLocks
@@ -256,7 +256,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         devices: dict[mirrors.Key, str] = {}
         for key, seg in sorted(by_key.items()):
             try:
-                devices[key] = self.connect(seg["nqn"], seg["endpoints"], chosen, secret)
+                devices[key] = self.connect(vid, seg["nqn"], seg["endpoints"], chosen, secret)
             except CsiError as exc:
                 log.warning("volume %s: replica %s unreachable: %s", vid, key, exc)
         records, volume = self.replica_status.read(vid)
@@ -388,28 +388,46 @@ class Node(csi_pb2_grpc.NodeServicer):
         return key
 
     def connect(
-        self, nqn: str, endpoints: list[str], chosen: params.VolumeParams, secret: str | None
-    ) -> str:
-        parsed = [(e.split(":", 1)[0], *e.split(":", 1)[1].rsplit(":", 1)) for e in endpoints]
-        transports = {t for t, _, _ in parsed}
-        transport = chosen.transport
-        if transport is None:
-            local_rdma = any(p.state == "ACTIVE" for p in rdma.discover())
-            transport = "rdma" if "rdma" in transports and local_rdma else "tcp"
-        paths = [(a, port) for t, a, port in parsed if t == transport]
-        if not paths:
+        self, vid: str, nqn: str, endpoints: list[str], chosen: params.VolumeParams,
+        secret: str | None,
+    ) -> str:  # fmt: skip
+        wants_rdma = chosen.transport is None and any(e.startswith("rdma:") for e in endpoints)
+        interfaces = fabric_paths.rdma_interfaces(rdma.discover()) if wants_rdma else set()
+        first, fallback = fabric_paths.plan(
+            endpoints, chosen.transport, interfaces, fabric_paths.kernel_route
+        )
+        if not first:
             raise _fail(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{nqn} is not served over {transport} (endpoints: "
+                f"{nqn} is not served over {chosen.transport or 'tcp'} (endpoints: "
                 f"{', '.join(endpoints) or 'none'})",
             )
+        try:
+            return self._connect_paths(nqn, first, chosen, secret)
+        except CsiError as exc:
+            if not fallback:
+                raise
+            message = (
+                f"segment {nqn}: the connect over {first[0].transport} failed "
+                f"({exc.message}); connected over tcp instead"
+            )
+        device = self._connect_paths(nqn, fallback, chosen, secret)
+        log.warning("volume %s: %s", vid, message)
+        if self.replica_status is not None:
+            self.replica_status.event(vid, "TransportFallback", message)
+        return device
+
+    def _connect_paths(
+        self, nqn: str, paths: list[fabric_paths.FabricPath], chosen: params.VolumeParams,
+        secret: str | None,
+    ) -> str:  # fmt: skip
         t = chosen.timeouts
         device = ""
-        for address, port in paths:
+        for path in paths:
             opts = nvme.ConnectOptions(  # the endpoint's shape was checked by parse_segments
-                transport,
-                address,
-                port,
+                path.transport,
+                path.address,
+                path.port,
                 nqn,
                 self.host_nqn,
                 identity.host_id_now(self.host_nqn, self.host_id, self.etc_nvme),
@@ -436,7 +454,7 @@ class Node(csi_pb2_grpc.NodeServicer):
             devices = []
             for seg in segments:
                 tried.append(seg["nqn"])
-                devices.append(self.connect(seg["nqn"], seg["endpoints"], chosen, secret))
+                devices.append(self.connect(vid, seg["nqn"], seg["endpoints"], chosen, secret))
             return self._assemble(vid, devices)
         except Exception:
             if first:

@@ -1,15 +1,17 @@
-"""The replica records of a mirrored Volume, read from and written to its status by the
-node plugin that has it staged (server-side apply, as this node's own field manager, so
-the agents' segment entries are never touched)."""
+"""What the node plugin writes on Volumes: the replica records of a mirrored Volume, read
+from and written to its status by the node that has it staged (server-side apply, as this
+node's own field manager, so the agents' segment entries are never touched), and Events."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from flashmesh.core import mirrors, resources
 
 API = resources.API_VERSION
+log = logging.getLogger(__name__)
 REASONS = {"True": "InSync", "False": "Degraded"}
 
 
@@ -65,3 +67,13 @@ class ReplicaStatus:
             },
             self.manager,
         )  # fmt: skip
+
+    def event(self, vid: str, reason: str, message: str) -> None:
+        """A Warning Event on the Volume (best effort: the stage goes on without it)."""
+        try:
+            found = self._client().get(API, "Volume", vid)
+            if found:
+                self._client().event(found, reason, message, warning=True,
+                                     component="flashmesh-csi-node")  # fmt: skip
+        except Exception as exc:  # an Event is never worth failing a stage over
+            log.warning("volume %s: Event %s not written: %s", vid, reason, exc)
