@@ -305,6 +305,7 @@ def test_connect_passes_every_option_and_the_key_redacted(fake: FakeSysfs) -> No
         reconnect_delay=2,
         keep_alive_tmo=5,
         fast_io_fail_tmo=4,
+        nr_io_queues=4,
         dhchap_secret=KEY,
     )
     assert connect(host, fake, opts) == str(fake.dev / "nvme1n1")
@@ -321,6 +322,7 @@ def test_connect_passes_every_option_and_the_key_redacted(fake: FakeSysfs) -> No
             "--ctrl-loss-tmo=60",
             "--reconnect-delay=2",
             "--keep-alive-tmo=5",
+            "--nr-io-queues=4",
             f"--dhchap-secret={KEY}",
         )
     ]

@@ -35,13 +35,15 @@ def test_parameters_get_the_pools_layout_and_default_timeouts() -> None:
     got = params.parse({"pool": "fast", "csi.storage.k8s.io/pv/name": "pv-1"}, Layout(2, 1))
     assert got.pool == "fast" and got.layout == Layout(2, 1) and got.transport is None
     assert got.timeouts == Timeouts()
+    assert got.nr_io_queues == 4  # a few per connection, not one per CPU
     assert params.from_context(got.context()) == got
 
 
 def test_parameters_override_the_defaults() -> None:
     got = params.parse({"pool": "fast", "stripeWidth": "4", "transport": "rdma",
-                        "ctrlLossTmo": "-1", "fastIoFailTmo": "5"})  # fmt: skip
-    assert got.layout.stripe_width == 4 and got.transport == "rdma"
+                        "ctrlLossTmo": "-1", "fastIoFailTmo": "5",
+                        "nrIoQueues": "16"})  # fmt: skip
+    assert got.layout.stripe_width == 4 and got.transport == "rdma" and got.nr_io_queues == 16
     assert got.timeouts.ctrl_loss_tmo == -1 and got.timeouts.fast_io_fail_tmo == 5
     assert params.from_context(got.context()) == got
 
@@ -65,6 +67,8 @@ def test_a_mirror_fails_a_member_fast_and_keeps_reconnecting_unless_told() -> No
         ({"pool": "p", "replicas": "3"}, "replicas=3 is out of range: use 1..2"),
         ({"pool": "p", "transport": "fc"}, "transport='fc' is unknown: use rdma or tcp"),
         ({"pool": "p", "reconnectDelay": "0"}, "reconnectDelay=0 is out of range"),
+        ({"pool": "p", "nrIoQueues": "0"}, "nrIoQueues=0 is out of range: use 1..128"),
+        ({"pool": "p", "nrIoQueues": "129"}, "nrIoQueues=129 is out of range: use 1..128"),
     ],
 )
 def test_bad_parameters_are_named_with_the_fix(given: dict[str, str], named: str) -> None:

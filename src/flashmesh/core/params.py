@@ -34,8 +34,12 @@ class Timeouts:
 class VolumeParams:
     pool: str
     layout: Layout
-    transport: str | None  # preferred; None: rdma where both ends have it, else tcp
+    transport: str | None  # preferred; None: rdma where the node reaches it, else tcp
     timeouts: Timeouts
+    # I/O queues per connection. The kernel's default is one per CPU: on a GPU node with
+    # 128 CPUs that is 128 sockets or QPs per segment, hundreds of thousands on a storage
+    # node serving a cluster. A few queues carry a segment's bandwidth.
+    nr_io_queues: int = 4
 
     def context(self) -> dict[str, str]:
         """The volume_context NodeStage receives (no secrets: it is stored in the PV)."""
@@ -47,6 +51,7 @@ class VolumeParams:
             "reconnectDelay": str(self.timeouts.reconnect_delay),
             "fastIoFailTmo": str(self.timeouts.fast_io_fail_tmo),
             "keepAliveTmo": str(self.timeouts.keep_alive_tmo),
+            "nrIoQueues": str(self.nr_io_queues),
         }
         if self.transport:
             out["transport"] = self.transport
@@ -59,7 +64,8 @@ _TIMEOUTS = {
     "fastIoFailTmo": ("fast_io_fail_tmo", -1),
     "keepAliveTmo": ("keep_alive_tmo", 1),
 }
-KNOWN = ("pool", "stripeWidth", "replicas", "transport", *_TIMEOUTS)
+KNOWN = ("pool", "stripeWidth", "replicas", "transport", "nrIoQueues", *_TIMEOUTS)
+MAX_IO_QUEUES = 128  # nvmet's attr_qid_max default: more are never granted
 MAX_REPLICAS = 2  # md RAID1 over two storage nodes
 MIRRORED_TIMEOUTS = {"ctrl_loss_tmo": -1, "fast_io_fail_tmo": 5}
 
@@ -102,7 +108,10 @@ def parse(parameters: dict[str, str], default_layout: Layout | None = None) -> V
     for key, (field, minimum) in _TIMEOUTS.items():
         if key in parameters:
             values[field] = _integer(key, parameters[key], minimum)
-    return VolumeParams(pool, Layout(stripes, replicas), transport, Timeouts(**values))
+    queues = VolumeParams.nr_io_queues
+    if "nrIoQueues" in parameters:
+        queues = _integer("nrIoQueues", parameters["nrIoQueues"], 1, MAX_IO_QUEUES)
+    return VolumeParams(pool, Layout(stripes, replicas), transport, Timeouts(**values), queues)
 
 
 def from_context(context: dict[str, str]) -> VolumeParams:

@@ -435,6 +435,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                 reconnect_delay=t.reconnect_delay,
                 fast_io_fail_tmo=t.fast_io_fail_tmo,
                 keep_alive_tmo=t.keep_alive_tmo,
+                nr_io_queues=chosen.nr_io_queues,
                 dhchap_secret=secret,
             )
             try:

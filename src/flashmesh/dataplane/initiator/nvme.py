@@ -65,6 +65,7 @@ class ConnectOptions:
     reconnect_delay: int | None = None
     fast_io_fail_tmo: int | None = None
     keep_alive_tmo: int | None = None
+    nr_io_queues: int | None = None  # None: the kernel's one per CPU
     # Kept out of repr, so a logged ConnectOptions shows no key.
     dhchap_secret: str | None = field(default=None, repr=False)
     dhchap_ctrl_secret: str | None = field(default=None, repr=False)
@@ -103,6 +104,7 @@ def connect_argv(opts: ConnectOptions) -> list[str]:
         ("--ctrl-loss-tmo", opts.ctrl_loss_tmo),
         ("--reconnect-delay", opts.reconnect_delay),
         ("--keep-alive-tmo", opts.keep_alive_tmo),
+        ("--nr-io-queues", opts.nr_io_queues),
         ("--dhchap-secret", opts.dhchap_secret),
         ("--dhchap-ctrl-secret", opts.dhchap_ctrl_secret),
     )
