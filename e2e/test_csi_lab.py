@@ -22,7 +22,7 @@ from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.vm import Lab, host_nqn
 
-pytestmark = [pytest.mark.kernel, pytest.mark.second_lab]
+pytestmark = pytest.mark.kernel
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 GPUS = (GPU0, GPU1)

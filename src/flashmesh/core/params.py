@@ -21,12 +21,16 @@ class ParameterError(ValueError):
 @dataclass(frozen=True)
 class Timeouts:
     """NVMe/TCP and NVMe/RDMA connection timeouts (seconds) that NodeStage passes to
-    `nvme connect`. A lost path fails I/O within ctrl_loss_tmo instead of the kernel's
-    600 s default; -1 means retry forever (ctrl_loss_tmo) or off (fast_io_fail_tmo)."""
+    `nvme connect`; -1 means retry forever (ctrl_loss_tmo) or off (fast_io_fail_tmo).
 
-    ctrl_loss_tmo: int = 60
+    The defaults ride out a storage node's reboot: I/O to it is queued, not failed
+    (fast_io_fail_tmo off), while the kernel reconnects every 2 s for 30 minutes; the pod
+    sees a stall. Past that, I/O fails. A class that would rather fail fast sets
+    fastIoFailTmo (and a shorter ctrlLossTmo)."""
+
+    ctrl_loss_tmo: int = 1800
     reconnect_delay: int = 2
-    fast_io_fail_tmo: int = 30
+    fast_io_fail_tmo: int = -1
     keep_alive_tmo: int = 5
 
 
