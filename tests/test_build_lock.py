@@ -85,7 +85,11 @@ def test_the_tools_are_located_only_once_the_build_has_ended(
     waiter.start()
     ticking.start()
     # Both block while the lock is held; the one with a short period says so again.
-    said = stderr_until(capfd, "still waiting for the background build")
+    said = stderr_until(
+        capfd,
+        "still waiting for the background build",
+        "waiting for the build of the CSI sidecars, csi-sanity and helm",
+    )
     assert "still waiting for the background build" in said
     assert "waiting for the build of the CSI sidecars, csi-sanity and helm" in said
     assert waiter.is_alive() and not found
@@ -95,13 +99,13 @@ def test_the_tools_are_located_only_once_the_build_has_ended(
     assert found and not waiter.is_alive() and not ticking.is_alive()
 
 
-def stderr_until(capfd: pytest.CaptureFixture[str], text: str, limit: float = 30) -> str:
-    """Captured stderr, read until `text` appears in it or `limit` seconds pass (the
-    waiters print from their threads)."""
+def stderr_until(capfd: pytest.CaptureFixture[str], *texts: str, limit: float = 30) -> str:
+    """Captured stderr, read until every one of `texts` appears in it or `limit` seconds
+    pass (the waiters print from their threads, in either order)."""
     said, pause = "", threading.Event()
     for _ in range(int(limit / 0.05)):
         said += capfd.readouterr().err
-        if text in said:
+        if all(text in said for text in texts):
             break
         pause.wait(0.05)
     return said
