@@ -268,6 +268,11 @@ def test_a_volume_is_placed_then_waits_for_agents_and_repeats_are_checked(
     # The same name with another size conflicts.
     got, message = code_of(stub[0].CreateVolume, create("pvc-placed", size=400 * MIB))
     assert got == Code.ALREADY_EXISTS and "outside the capacity_range" in message
+    # So do other connection parameters: the volume was answered with the first ones.
+    other = create("pvc-placed", size=100 * MIB, transport="rdma", nrIoQueues="8")
+    got, message = code_of(stub[0].CreateVolume, other)
+    assert got == Code.ALREADY_EXISTS, message
+    assert "parameter nrIoQueues 4, not 8" in message and "transport unset, not rdma" in message
     # A call on a volume that is busy is refused, not raced.
     with controller.locks.hold(vid):
         got, message = code_of(stub[0].CreateVolume, request)

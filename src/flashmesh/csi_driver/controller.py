@@ -35,6 +35,9 @@ TOPOLOGY_KEY = resources.TOPOLOGY_KEY
 MANAGER = "flashmesh-csi-controller"
 PUBLISHED = f"{resources.GROUP}/published"
 DELETE_CONFIRMED = f"{resources.GROUP}/delete-confirmed"
+# The volume_context CreateVolume answered when it made the Volume: a repeat answers the
+# same, and one asking for other parameters (transport, timeouts, queues) is refused.
+VOLUME_CONTEXT = f"{resources.GROUP}/volume-context"
 # Set (never removed) once a volume is published as a block device, and carried to its
 # snapshots and copies: what was written to it as a raw device may be data that blkid does
 # not recognise, so NodeStage must never format it (see capabilities.NO_FORMAT_CONTEXT).
@@ -59,6 +62,16 @@ def _access(request: Any) -> str:
 
 def _raw(annotations: dict[str, str] | None) -> bool:
     return (annotations or {}).get(RAW_BLOCK_DATA) == "true"
+
+
+def _recorded_context(volume: Volume) -> dict[str, str]:
+    """The volume_context recorded when the Volume was made (empty for an older one)."""
+    text = (volume.metadata.annotations or {}).get(VOLUME_CONTEXT)
+    try:
+        found = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 def _raw_mark(raw: bool) -> dict[str, str]:
@@ -145,17 +158,26 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             made = volume is None
             if volume is None:
                 self._refuse_torn_copy(copied, "clone")
-                volume = self._make(vid, request.name, chosen, size, source, _access(request))
+                access = _access(request)
+                context = chosen.context()
+                if access:
+                    context["accessType"] = access
+                if pool.spec.security.dhchap:
+                    context["dhchap"] = "true"  # NodeStage then connects with its key
+                volume = self._make(vid, request.name, chosen, size, source, access, context)
             else:
                 self._same(volume, request, chosen, source)
             self.cluster.wait(f"volume {vid}", lambda: segments_missing(self.cluster.volume(vid)))
             if made:
                 self._recheck_copy(copied, "clone", "Volume", vid)
             out = self._csi_volume(volume, chosen, request)
-            if volume.spec.access_type:
-                out.volume_context["accessType"] = volume.spec.access_type
-            if pool.spec.security.dhchap:
-                out.volume_context["dhchap"] = "true"  # NodeStage then connects with its key
+            out.volume_context.update(_recorded_context(volume))
+            if VOLUME_CONTEXT not in (volume.metadata.annotations or {}):
+                # A Volume made before the record: as it was answered then.
+                if volume.spec.access_type:
+                    out.volume_context["accessType"] = volume.spec.access_type
+                if pool.spec.security.dhchap:
+                    out.volume_context["dhchap"] = "true"
             return csi_pb2.CreateVolumeResponse(volume=out)
 
     def _check_topology(self, requirement: Any) -> None:
@@ -243,6 +265,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         size: int,
         source: Source | None,
         access_type: str,
+        context: dict[str, str],
     ) -> Volume:
         layout = chosen.layout
         count = layout.stripe_width * layout.replicas
@@ -280,10 +303,12 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 "accessType": access_type,
             }
             # Labelled by node, so each agent watches only the volumes it serves.
-            meta: dict[str, Any] = {"name": vid, "labels": naming.node_labels(nodes)}
+            annotations = {VOLUME_CONTEXT: json.dumps(context, sort_keys=True)}
+            meta: dict[str, Any] = {"name": vid, "labels": naming.node_labels(nodes),
+                                    "annotations": annotations}  # fmt: skip
             if source:
                 spec["source"] = source[0]
-                meta["annotations"] = _raw_mark(source[3])
+                annotations.update(_raw_mark(source[3]))
             body = {"apiVersion": API, "kind": "Volume", "metadata": meta, "spec": spec}
             return Volume.from_dict(self.cluster.create(body))
 
@@ -319,6 +344,13 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         have = serde.to_dict(volume.spec.source) if volume.spec.source else None
         if have != (source[0] if source else None):
             problems.append("it exists with another content source")
+        recorded = _recorded_context(volume)
+        asked = {k: v for k, v in chosen.context().items()
+                 if k not in ("pool", "stripeWidth", "replicas")}  # fmt: skip
+        for key, value in sorted(asked.items()) if recorded else ():
+            if recorded.get(key) != value:
+                had = recorded.get(key, "unset")
+                problems.append(f"it exists with parameter {key} {had}, not {value}")
         if problems:
             raise _fail(
                 grpc.StatusCode.ALREADY_EXISTS, f"volume {request.name}: {'; '.join(problems)}"
