@@ -386,10 +386,10 @@ def test_a_storage_node_away_for_minutes_stalls_io_that_resumes_on_its_return(
     NodeStage in between. A class that chose to fail fast (keep-alive 5 s, fastIoFailTmo
     5 s) fails a write within those, never after the kernel's 600 s."""
     kube = agents.kube
-    single = stage(driver, "outage-single", 32)
+    single = stage(driver, "outage-single", 80)  # room for the probe at 64 MiB
     node = (kube.get(API, "Volume", single.volume.volume_id) or {})["spec"]["segments"][0]
     lost = next(n for n in NODES if node_name(n.name) == node["node"])
-    striped = stage(driver, "outage-striped", 32, stripeWidth="2")  # on both storage VMs
+    striped = stage(driver, "outage-striped", 80, stripeWidth="2")  # on both storage VMs
     fast = stage(driver, "outage-fast", 32, stripeWidth="2", keepAliveTmo="5",
                  fastIoFailTmo="5", ctrlLossTmo="60")  # fmt: skip
     volumes = {"single": single, "striped": striped}
@@ -397,6 +397,8 @@ def test_a_storage_node_away_for_minutes_stalls_io_that_resumes_on_its_return(
     probes = {tag: start_probe(lab, v.device, f"{tag}.probe") for tag, v in volumes.items()}
     for loop in loops.values():
         assert processes.wait_until(lambda loop=loop: loop.ok_after(1), 600), loop.passes()
+    for tag in volumes:
+        assert processes.wait_until(lambda tag=tag: probe_writes(lab, f"{tag}.probe") > 0, 60)
     stages_before = stage_calls(lab)
 
     lab.kill(lost.name)
