@@ -273,6 +273,12 @@ def test_a_volume_is_placed_then_waits_for_agents_and_repeats_are_checked(
     got, message = code_of(stub[0].CreateVolume, other)
     assert got == Code.ALREADY_EXISTS, message
     assert "parameter nrIoQueues 4, not 8" in message and "transport unset, not rdma" in message
+    # And the other way: a parameter the first asked for, left out of the repeat.
+    assert code_of(stub[0].CreateVolume, create("pvc-rdma", 8 * MIB, transport="rdma"))[0] == (
+        Code.DEADLINE_EXCEEDED
+    )
+    got, message = code_of(stub[0].CreateVolume, create("pvc-rdma", 8 * MIB))
+    assert got == Code.ALREADY_EXISTS and "parameter transport rdma, not unset" in message
     # A call on a volume that is busy is refused, not raced.
     with controller.locks.hold(vid):
         got, message = code_of(stub[0].CreateVolume, request)

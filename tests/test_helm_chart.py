@@ -513,7 +513,11 @@ EXPECTED: dict[str, tuple[dict[str, set[str]], dict[str, set[str]]]] = {
     "operator": (OPERATOR, {LEASES: GLW}),
     "csi-controller": (CSI_CONTROLLER, {LEASES: GLW | {"create", "update", "delete"}}),
     "csi-node": (
-        {"volumes.flashmesh.dev": {"get"}, "volumes.flashmesh.dev/status": {"patch"}},
+        {
+            "volumes.flashmesh.dev": {"get"},
+            "volumes.flashmesh.dev/status": {"patch"},
+            "events": {"create"},
+        },
         {"secrets": {"get", "list"}},
     ),
     "agent": (AGENT, {LEASES: {"get", "create", "update", "patch"}, "secrets": GLW}),

@@ -345,12 +345,14 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if have != (source[0] if source else None):
             problems.append("it exists with another content source")
         recorded = _recorded_context(volume)
-        asked = {k: v for k, v in chosen.context().items()
-                 if k not in ("pool", "stripeWidth", "replicas")}  # fmt: skip
-        for key, value in sorted(asked.items()) if recorded else ():
-            if recorded.get(key) != value:
-                had = recorded.get(key, "unset")
-                problems.append(f"it exists with parameter {key} {had}, not {value}")
+        asked = chosen.context()
+        # Pool and layout are checked above; access type and authentication are not asked.
+        keys = ({*asked, *recorded} - {"pool", "stripeWidth", "replicas", "accessType",
+                                       "dhchap"}) if recorded else set()  # fmt: skip
+        for key in sorted(keys):
+            if recorded.get(key) != asked.get(key):
+                had, want = recorded.get(key, "unset"), asked.get(key, "unset")
+                problems.append(f"it exists with parameter {key} {had}, not {want}")
         if problems:
             raise _fail(
                 grpc.StatusCode.ALREADY_EXISTS, f"volume {request.name}: {'; '.join(problems)}"

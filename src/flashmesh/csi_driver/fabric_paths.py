@@ -71,7 +71,8 @@ def route_interface(address: str, table: str) -> str | None:
     """The interface /proc/net/route's table sends an IPv4 address out of: the longest
     matching prefix, the lowest metric among equals; None for no route or not IPv4."""
     try:
-        wanted = struct.unpack("<I", socket.inet_aton(address))[0]
+        # The table's hex fields are the kernel's words in host byte order.
+        wanted = struct.unpack("=I", socket.inet_aton(address))[0]
     except OSError:
         return None
     best: tuple[int, int, str] | None = None  # (prefix length, -metric, interface)
