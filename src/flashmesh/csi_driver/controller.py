@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from flashmesh.core import mirrors, naming, params, resources, serde
 from flashmesh.core.capacity import volume_size
 from flashmesh.core.placement import PlacementError, largest_volume, place
-from flashmesh.core.resources import Snapshot, Volume
+from flashmesh.core.resources import Snapshot, StoragePool, Volume
 from flashmesh.core.units import format_bytes, parse_bytes
 from flashmesh.csi_driver import capabilities
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
@@ -62,6 +62,17 @@ def _access(request: Any) -> str:
 
 def _raw(annotations: dict[str, str] | None) -> bool:
     return (annotations or {}).get(RAW_BLOCK_DATA) == "true"
+
+
+def _context(chosen: params.VolumeParams, access_type: str, pool: StoragePool) -> dict[str, str]:
+    """The volume_context CreateVolume answers: the parameters, the access type asked, and
+    whether NodeStage must connect with the host's DH-HMAC-CHAP key."""
+    context = chosen.context()
+    if access_type:
+        context["accessType"] = access_type
+    if pool.spec.security.dhchap:
+        context["dhchap"] = "true"
+    return context
 
 
 def _recorded_context(volume: Volume) -> dict[str, str]:
@@ -159,11 +170,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if volume is None:
                 self._refuse_torn_copy(copied, "clone")
                 access = _access(request)
-                context = chosen.context()
-                if access:
-                    context["accessType"] = access
-                if pool.spec.security.dhchap:
-                    context["dhchap"] = "true"  # NodeStage then connects with its key
+                context = _context(chosen, access, pool)
                 volume = self._make(vid, request.name, chosen, size, source, access, context)
             else:
                 self._same(volume, request, chosen, source)
@@ -171,13 +178,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if made:
                 self._recheck_copy(copied, "clone", "Volume", vid)
             out = self._csi_volume(volume, chosen, request)
-            out.volume_context.update(_recorded_context(volume))
-            if VOLUME_CONTEXT not in (volume.metadata.annotations or {}):
-                # A Volume made before the record: as it was answered then.
-                if volume.spec.access_type:
-                    out.volume_context["accessType"] = volume.spec.access_type
-                if pool.spec.security.dhchap:
-                    out.volume_context["dhchap"] = "true"
+            # A Volume made before the record is answered as it was then.
+            recorded = _recorded_context(volume)
+            out.volume_context.update(
+                recorded or _context(chosen, volume.spec.access_type or "", pool)
+            )
             return csi_pb2.CreateVolumeResponse(volume=out)
 
     def _check_topology(self, requirement: Any) -> None:
