@@ -1,29 +1,37 @@
 """The Helm chart charts/flashmesh: linted and rendered by helm; installed into the real
 kube-apiserver with every object accepted and every pod admitted; each component's service
 account holding exactly the permissions its least-privilege table says; uninstalled without
-a trace (the CRDs stay)."""
+a trace (the CRDs stay); upgraded, CRDs and all."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
+import shutil
+import socket
 import subprocess
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import kopf
 import pytest
 import yaml
+from kopf.testing import KopfRunner
 
+from flashmesh import cli
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
 from flashmesh.lab.crds import CRDS
 from flashmesh.lab.helm import CHART, Helm
 from flashmesh.lab.sidecars import csi_driver_object
+from flashmesh.operator import main as operator_main
 
 pytestmark = pytest.mark.cluster
 
@@ -37,6 +45,8 @@ CRD_NAMES = {
     f"{plural}.flashmesh.dev"
     for plural in ("storagepools", "storagenodes", "volumes", "snapshots", "trainingworkloads")
 }
+CRD = ("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+KEEP = {"helm.sh/resource-policy": "keep"}
 
 # --- rendering ------------------------------------------------------------------------------
 
@@ -88,17 +98,41 @@ DEFAULT_KINDS = {
     # host has published, or that a PersistentVolume names.
     "ValidatingAdmissionPolicy": 3,
     "ValidatingAdmissionPolicyBinding": 3,
+    # Templates, not crds/: helm upgrade upgrades them (crds.install=false leaves them out).
+    "CustomResourceDefinition": 5,
+    "PodDisruptionBudget": 2,  # operator, CSI controller
 }
 
 
 def test_chart_crds_are_the_repository_crds() -> None:
-    """Helm installs crds/ of the chart: byte for byte the CRDs the rest of the project tests."""
+    """The chart's CRD files: byte for byte the CRDs the rest of the project tests."""
     ours = {p.name: p.read_bytes() for p in sorted(CRDS.glob("*.yaml"))}
-    chart = {p.name: p.read_bytes() for p in sorted((CHART / "crds").glob("*.yaml"))}
+    files = CHART / "files" / "crds"
+    chart = {p.name: p.read_bytes() for p in sorted(files.glob("*.yaml"))}
     assert len(ours) == 5
     assert chart.keys() == ours.keys()
     drifted = [name for name in ours if chart[name] != ours[name]]
-    assert not drifted, f"charts/flashmesh/crds differs from crds/ in {drifted}: copy them again"
+    assert not drifted, f"{files} differs from crds/ in {drifted}: copy them again"
+
+
+def test_crds_are_templates_kept_on_uninstall(helm: Helm, rendered: list[dict[str, Any]]) -> None:
+    """Helm installs a chart's crds/ folder once and never upgrades it: the CRDs are
+    templates instead, each the repository's file plus the chart's labels and the keep
+    policy (so no uninstall or upgrade deletes them, and every FlashMesh object with them)."""
+    assert not (CHART / "crds").exists()
+    crds = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "CustomResourceDefinition"}
+    assert crds.keys() == CRD_NAMES
+    for path in CRDS.glob("*.yaml"):
+        ours = yaml.safe_load(path.read_text())
+        chart = copy.deepcopy(crds[ours["metadata"]["name"]])
+        meta = chart["metadata"]
+        assert meta.pop("annotations") == KEEP
+        assert meta.pop("labels")["app.kubernetes.io/instance"] == RELEASE
+        assert chart == ours, path.name
+
+    without = helm.template(RELEASE, NS, "--set", "crds.install=false")
+    assert kinds(without) == {k: n for k, n in DEFAULT_KINDS.items() if k != CRD[1]}
+    assert kinds(helm.template(RELEASE, NS, "--include-crds")) == DEFAULT_KINDS  # no crds/
 
 
 def test_lint_and_render(helm: Helm, rendered: list[dict[str, Any]]) -> None:
@@ -107,10 +141,6 @@ def test_lint_and_render(helm: Helm, rendered: list[dict[str, Any]]) -> None:
         assert "0 chart(s) failed" in out.stdout, out.stdout
 
     assert kinds(rendered) == DEFAULT_KINDS
-    with_crds = helm.template(RELEASE, NS, "--include-crds")
-    assert kinds(with_crds) == {**DEFAULT_KINDS, "CustomResourceDefinition": 5}
-    crds = [o for o in with_crds if o["kind"] == "CustomResourceDefinition"]
-    assert {c["metadata"]["name"] for c in crds} == CRD_NAMES
 
     monitored = helm.template(RELEASE, NS, "--set", "metrics.serviceMonitor.enabled=true")
     assert kinds(monitored) == {**DEFAULT_KINDS, "Service": 4, "ServiceMonitor": 1}
@@ -126,13 +156,14 @@ def test_lint_and_render(helm: Helm, rendered: list[dict[str, Any]]) -> None:
         main = spec["containers"][0]
         assert "metrics" in [p["name"] for p in main["ports"]]
 
-    # Only the CSIDriver and the admission policies are cluster-wide and shared (like the
-    # CRDs); every other object is the release's: in its namespace, or named after it.
+    # Only the CRDs, the CSIDriver and the admission policies are cluster-wide and shared;
+    # every other object is the release's: in its namespace, or named after it.
     elsewhere = helm.template("fm", "storage")
     policies = {"flashmesh-storagepool-in-use", "flashmesh-volume-published",
                 "flashmesh-volume-bound"}  # fmt: skip
     shared = {"CSIDriver": {"csi.flashmesh.dev"}, "ValidatingAdmissionPolicy": policies,
-              "ValidatingAdmissionPolicyBinding": policies}  # fmt: skip
+              "ValidatingAdmissionPolicyBinding": policies,
+              "CustomResourceDefinition": CRD_NAMES}  # fmt: skip
     for obj in elsewhere:
         meta = obj["metadata"]
         if obj["kind"] in shared:
@@ -193,7 +224,9 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     image = "flashmesh:0.1.0"  # the chart's appVersion when image.tag is empty
     operator = container(pod_spec(rendered, "operator"), "operator")
     assert operator["image"] == image
-    assert operator["args"] == ["operator", "--standalone", f"--namespace={NS}"]
+    assert operator["args"] == [
+        "operator", "--standalone", f"--namespace={NS}", "--liveness=http://0.0.0.0:8080/healthz",
+    ]  # fmt: skip
     assert workload(rendered, "operator")["spec"]["strategy"] == {"type": "Recreate"}
     assert workload(rendered, "operator")["spec"]["replicas"] == 1
 
@@ -295,6 +328,96 @@ def test_commands_images_and_driver(helm: Helm, rendered: list[dict[str, Any]]) 
     assert "volumesnapshotclasses" not in resources
 
 
+def test_disruption_budgets(helm: Helm, rendered: list[dict[str, Any]]) -> None:
+    """Each Deployment has a PodDisruptionBudget of maxUnavailable 1 over exactly its pods:
+    evictions take one at a time, yet never block a drain of a one-replica Deployment (as
+    minAvailable 1 would); an unhealthy pod may always go. Values turn each off."""
+
+    def budgets(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        found = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+        return {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in found}
+
+    for objs in (rendered, helm.template(RELEASE, NS, "--set", "csiController.replicas=3")):
+        found = budgets(objs)
+        assert found.keys() == {"operator", "csi-controller"}
+        for component, pdb in found.items():
+            deployment = workload(objs, component)
+            assert pdb["metadata"]["name"] == deployment["metadata"]["name"]
+            assert pdb["metadata"]["namespace"] == NS
+            assert pdb["spec"] == {
+                "maxUnavailable": 1,
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                "selector": deployment["spec"]["selector"],
+            }
+            # It selects this Deployment's pods and no other component's.
+            selector = pdb["spec"]["selector"]["matchLabels"]
+            for other in COMPONENTS:
+                labels = workload(objs, other)["spec"]["template"]["metadata"]["labels"]
+                assert (selector.items() <= labels.items()) == (other == component), other
+
+    off = "operator.podDisruptionBudget.enabled=false"
+    assert budgets(helm.template(RELEASE, NS, "--set", off)).keys() == {"csi-controller"}
+    off = "csiController.podDisruptionBudget.enabled=false"
+    assert budgets(helm.template(RELEASE, NS, "--set", off)).keys() == {"operator"}
+    gone = helm.template(RELEASE, NS, "--set", "operator.enabled=false",
+                         "--set", "csiController.enabled=false")  # fmt: skip
+    assert budgets(gone) == {}
+
+
+def test_operator_liveness(
+    crds: LocalCluster, rendered: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's livenessProbe reads kopf's liveness endpoint, which the chart's
+    --liveness turns on: the flashmesh command hands that URL to kopf, and kopf answers
+    on it while its event loop runs."""
+    main = container(pod_spec(rendered, "operator"), "operator")
+    probe = main["livenessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    assert ports == {"healthz": 8080, "metrics": 9810}
+
+    handed: list[str | None] = []
+
+    def run(config: Any, metrics_port: int | None, liveness: str | None) -> int:
+        handed.append(liveness)
+        return 0
+
+    monkeypatch.setattr(operator_main, "run", run)
+    assert cli.main(main["args"]) == 0
+    [endpoint] = handed
+    assert endpoint is not None
+    url = urlsplit(endpoint)
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "http", "0.0.0.0", ports["healthz"], probe["httpGet"]["path"],
+    )  # fmt: skip
+
+    # kopf serving that endpoint (here on a free local port), as the kubelet probes it. No
+    # FlashMesh handlers: they would put finalizers on other tests' objects.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local = url._replace(netloc=f"127.0.0.1:{port}").geturl()
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(local, timeout=3) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    monkeypatch.setenv("KUBECONFIG", str(crds.kubeconfig))
+    args = ["run", "--standalone", "--all-namespaces", f"--liveness={local}"]
+    with KopfRunner(args, registry=registry) as runner:
+        assert processes.wait_until(answers, 30)
+    assert runner.exception is None, runner.output
+    assert not answers()  # and stops answering once the operator has stopped
+
+
 _KEY = re.compile(r"^(\s*)([A-Za-z][\w.-]*):")
 
 
@@ -338,14 +461,27 @@ def _set_aside_foreign_csidriver(cluster: LocalCluster) -> dict[str, Any] | None
     }
 
 
+def _adopt_crds(cluster: LocalCluster) -> None:
+    """The session's CRDs (applied by the lab, as an earlier chart's crds/ folder or a
+    kubectl apply would have made them) handed to the release, as the chart's README says:
+    helm then takes them over instead of refusing to install."""
+    names = sorted(CRD_NAMES)
+    cluster.kubectl("label", "crd", *names, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+    cluster.kubectl(
+        "annotate", "crd", *names, f"meta.helm.sh/release-name={RELEASE}",
+        f"meta.helm.sh/release-namespace={NS}", "--overwrite",
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def release(crds: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     workdir = tmp_path_factory.mktemp("helm-release")
     helm = Helm(workdir / "home", crds.kubeconfig)
     foreign = _set_aside_foreign_csidriver(crds)
+    _adopt_crds(crds)
     helm.run(
         "install", RELEASE, str(CHART), "--namespace", NS, "--create-namespace",
-        "--skip-crds", "--timeout", "2m",
+        "--timeout", "2m",
     )  # fmt: skip
     rel = Release(crds, helm, workdir)
     rel.objects = helm.manifest(RELEASE, NS)
@@ -610,21 +746,72 @@ def test_each_service_account_has_exactly_its_permissions(release: Release) -> N
     assert not wrong, f"kubectl auth can-i answered otherwise for {wrong}"
 
 
+# --- upgrade -------------------------------------------------------------------------------
+
+
+def _volume_description(cluster: LocalCluster) -> str:
+    crd = cluster.kube.get(*CRD, "volumes.flashmesh.dev")
+    assert crd is not None
+    assert crd["metadata"]["annotations"].items() >= KEEP.items()
+    description: str = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"]
+    return description
+
+
+def test_upgrade_upgrades_the_crds(release: Release) -> None:
+    """A new chart's CRD reaches the cluster with helm upgrade (a crds/ folder never would);
+    an upgrade that stops rendering the CRDs deletes none; the next one takes them back."""
+    cluster, helm = release.cluster, release.helm
+
+    def upgrade(chart: Path, *args: str) -> list[dict[str, Any]]:
+        helm.run("upgrade", RELEASE, str(chart), "--namespace", NS, "--timeout", "2m", *args)
+        return helm.manifest(RELEASE, NS)
+
+    newer = release.workdir / "newer-chart"
+    shutil.copytree(CHART, newer)
+    path = newer / "files" / "crds" / "volume.yaml"
+    before = "Written by the CSI controller."
+    after = "Written by the CSI controller (a newer chart)."
+    assert path.read_text().count(before) == 1
+    path.write_text(path.read_text().replace(before, after))
+    original = _volume_description(cluster)
+    assert original.endswith(before)
+
+    assert kinds(upgrade(newer)) == DEFAULT_KINDS
+    assert _volume_description(cluster).endswith(after)
+
+    objects = upgrade(CHART, "--set", "crds.install=false")
+    assert CRD[1] not in kinds(objects)
+    present = cluster.kubectl("get", "crd", *sorted(CRD_NAMES), "-o", "name").stdout.split()
+    assert len(present) == 5
+    assert _volume_description(cluster).endswith(after)  # left alone, not deleted
+
+    # Taken back into the release. (With no values given, helm upgrade reuses the last
+    # release's: crds.install=false would stay.)
+    assert kinds(upgrade(CHART, "--reset-values")) == DEFAULT_KINDS
+    assert _volume_description(cluster) == original
+    release.objects = helm.manifest(RELEASE, NS)
+
+
 # --- uninstall (last: the release is gone after it) ----------------------------------------
 
 
 def test_uninstall_removes_everything_but_the_crds(release: Release) -> None:
     cluster, helm = release.cluster, release.helm
     manifest = release.workdir / "manifest.yaml"
-    manifest.write_text(yaml.safe_dump_all(release.objects))
-    helm.run(
+    # The CRDs are kept (helm.sh/resource-policy: keep): checked apart, below.
+    made = [o for o in release.objects if o["kind"] != CRD[1]]
+    assert len(made) == len(release.objects) - 5
+    manifest.write_text(yaml.safe_dump_all(made))
+    out = helm.run(
         "uninstall", RELEASE, "--namespace", NS, "--wait", "--cascade", "foreground",
         "--timeout", "2m",
     )  # fmt: skip
     release.installed = False
+    kept = {line.split()[-1] for line in out.stdout.splitlines() if line.startswith(f"[{CRD[1]}]")}
+    assert kept == CRD_NAMES, out.stdout
 
     # Every type the release made, and what its workloads make in turn.
-    types = sorted({resource_of(o) for o in release.objects})
+    types = sorted({resource_of(o) for o in made})
     types += ["pod", "replicaset.apps", "controllerrevision.apps"]
 
     def leftovers() -> str:
@@ -639,6 +826,6 @@ def test_uninstall_removes_everything_but_the_crds(release: Release) -> None:
     records = cluster.kubectl("get", "secrets", "-n", NS, "-l", f"owner=helm,name={RELEASE}")
     assert records.stdout.strip() == ""
     assert helm.run("status", RELEASE, "--namespace", NS, check=False).returncode != 0
-    # The CRDs (and so every FlashMesh object) stay: helm never deletes CRDs.
+    # The CRDs (and so every FlashMesh object) stay: their resource policy is keep.
     crds = cluster.kubectl("get", "crd", *sorted(CRD_NAMES), "-o", "name").stdout.split()
     assert len(crds) == 5

@@ -151,3 +151,24 @@ capabilities:
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- end }}
+
+{{/* A Deployment's PodDisruptionBudget: (dict "ctx" $ "component" "operator").
+maxUnavailable 1, never minAvailable: it follows the replicas as they change and never
+blocks a drain of a one-replica Deployment (minAvailable 1 there would, for good), while a
+larger one loses at most one pod at a time to evictions. An unhealthy pod (crash-looping,
+not ready) may always be evicted: keeping it protects nothing. */}}
+{{- define "flashmesh.podDisruptionBudget" -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "flashmesh.componentName" . }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "flashmesh.componentLabels" . | nindent 4 }}
+spec:
+  maxUnavailable: 1
+  unhealthyPodEvictionPolicy: AlwaysAllow
+  selector:
+    matchLabels:
+      {{- include "flashmesh.componentSelectorLabels" . | nindent 6 }}
+{{- end }}
