@@ -60,3 +60,26 @@ def test_model_keys_recurse_into_nested_models() -> None:
         "subsystemNQN": None,
         "ratio": None,
     }
+
+
+def test_type_hints_are_resolved_once_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cache read and agent pass decodes hundreds of objects: a model's type hints are
+    resolved the first time it is decoded, never again."""
+
+    @dataclass
+    class Fresh:
+        inner: Inner
+        count: int | None = None
+
+    calls: list[object] = []
+    real = serde.typing.get_type_hints
+
+    def counting(cls: object) -> dict[str, object]:
+        calls.append(cls)
+        return real(cls)
+
+    monkeypatch.setattr(serde.typing, "get_type_hints", counting)
+    for n in range(5):
+        assert serde.from_dict(Fresh, {"inner": {"portNumber": n}, "count": n}).count == n
+    assert calls.count(Fresh) == 1
+    assert calls.count(Inner) <= 1

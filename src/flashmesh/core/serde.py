@@ -8,6 +8,7 @@ output, so a round trip of what the API server returned gives back the same dict
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -38,15 +39,7 @@ class SchemaError(ValueError):
 
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Builds a dataclass from its JSON dict; unknown keys are ignored."""
-    if not isinstance(data, Mapping):
-        raise SchemaError(f"{path or '<root>'}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        key = key_of(field)
-        if key in data and data[key] is not None:
-            kwargs[field.name] = _decode(hints[field.name], data[key], _join(path, key))
-    return cls(**kwargs)
+    return typing.cast(T, _model_decoder(typing.cast(Any, cls))(data, path))
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -94,23 +87,63 @@ def _innermost(tp: Any) -> Any:
     return tp
 
 
-def _decode(tp: Any, value: Any, path: str) -> Any:
+# Every agent pass and cache read turns hundreds of objects into models; under emulation
+# resolving type hints per object was a fifth of an agent's CPU. So each type gets a
+# decoder once, a closure that only checks and converts.
+_Decoder = typing.Callable[[Any, str], Any]
+
+
+@functools.cache
+def _model_decoder(cls: Any) -> _Decoder:
+    hints = typing.get_type_hints(cls)
+    fields = [
+        (field.name, key_of(field), _decoder(hints[field.name]))
+        for field in dataclasses.fields(cls)
+    ]
+
+    def decode(data: Any, path: str) -> Any:
+        if not isinstance(data, Mapping):
+            raise SchemaError(f"{path or '<root>'}: expected an object, got {type(data).__name__}")
+        kwargs: dict[str, Any] = {}
+        for name, key, inner in fields:
+            value = data.get(key)
+            if value is not None:
+                kwargs[name] = inner(value, _join(path, key))
+        return cls(**kwargs)
+
+    return decode
+
+
+@functools.cache
+def _decoder(tp: Any) -> _Decoder:
     tp = _strip_optional(tp)
     origin = typing.get_origin(tp)
     if origin is list:
-        if not isinstance(value, list):
-            raise SchemaError(f"{path}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(tp)
-        return [_decode(item, v, _join(path, i)) for i, v in enumerate(value)]
+        item = _decoder(typing.get_args(tp)[0])
+
+        def decode_list(value: Any, path: str) -> Any:
+            if not isinstance(value, list):
+                raise SchemaError(f"{path}: expected a list, got {type(value).__name__}")
+            return [item(v, _join(path, i)) for i, v in enumerate(value)]
+
+        return decode_list
     if origin is dict:
-        if not isinstance(value, Mapping):
-            raise SchemaError(f"{path}: expected an object, got {type(value).__name__}")
-        _, item = typing.get_args(tp)
-        return {k: _decode(item, v, _join(path, k)) for k, v in value.items()}
+        entry = _decoder(typing.get_args(tp)[1])
+
+        def decode_dict(value: Any, path: str) -> Any:
+            if not isinstance(value, Mapping):
+                raise SchemaError(f"{path}: expected an object, got {type(value).__name__}")
+            return {k: entry(v, _join(path, k)) for k, v in value.items()}
+
+        return decode_dict
     if dataclasses.is_dataclass(tp):
-        return from_dict(typing.cast(type[Any], tp), value, path)
+        return _model_decoder(typing.cast(Any, tp))
     if tp is Any:
-        return value
+        return lambda value, path: value
+    return functools.partial(_scalar, tp)
+
+
+def _scalar(tp: type[Any], value: Any, path: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from flashmesh.core import serde
 from flashmesh.core.resources import RdmaDevice
+
+log = logging.getLogger(__name__)
 
 SYSFS = Path("/sys/class/infiniband")
 PORT_STATES = {0: "NOP", 1: "DOWN", 2: "INIT", 3: "ARMED", 4: "ACTIVE", 5: "ACTIVE_DEFER"}
@@ -80,22 +83,52 @@ def discover() -> list[Port]:
     for dev in devices:
         name = dev.name.decode()
         with verbs.Context(name=name) as ctx:
-            for number in range(1, ctx.query_device().phys_port_cnt + 1):
-                attr = ctx.query_port(number)
+            attrs = [ctx.query_port(n) for n in range(1, ctx.query_device().phys_port_cnt + 1)]
+            table = _gid_table(ctx, name, sum(a.gid_tbl_len for a in attrs))
+            for number, attr in enumerate(attrs, start=1):
                 port = Port(
                     name,
                     number,
                     PORT_STATES.get(attr.state, str(attr.state)),
                     LINK_LAYERS.get(attr.link_layer, str(attr.link_layer)),
                 )
-                port.gids = _gids(ctx, name, number, attr.gid_tbl_len)
+                if table is not None:
+                    port.gids = [gid for p, gid in table if p == number]
+                else:
+                    port.gids = _gids(ctx, name, number, attr.gid_tbl_len)
                 ports.append(port)
     return ports
 
 
+# ibv_gid_entry.gid_type, named as sysfs names them (gid_attrs/types).
+GID_TYPES = {0: "IB/RoCE v1", 1: "IB/RoCE v1", 2: ROCE_V2}
+# The kernel answers a GID table query in one attribute of at most 64 KiB (32 bytes a GID).
+GID_TABLE_MAX = 2047
+
+
+def _gid_table(ctx: object, device: str, length: int) -> list[tuple[int, Gid]] | None:
+    """(port, GID) of every populated GID of the device, in one ioctl; None where the
+    kernel or rdma-core cannot answer that way. Reading the table a GID at a time is 1024
+    sysfs reads a port (soft-RoCE's table), half a second of an emulated CPU per pass."""
+    try:
+        entries = ctx.query_gid_table(min(length, GID_TABLE_MAX))  # type: ignore[attr-defined]
+    except Exception as exc:  # an old kernel or rdma-core
+        log.debug("%s: no GID table query (%s), reading GIDs one by one", device, exc)
+        return None
+    found = []
+    for e in entries:
+        netdev = None
+        if e.ndev_ifindex:
+            with contextlib.suppress(OSError):
+                netdev = socket.if_indextoname(e.ndev_ifindex)
+        kind = GID_TYPES.get(e.gid_type, "unknown")
+        found.append((e.port_num, Gid(e.gid_index, e.gid_str(), kind, netdev)))
+    return found
+
+
 def _gids(ctx: object, device: str, port: int, table_length: int) -> list[Gid]:
-    """The port's populated GIDs. The type and interface come from sysfs, which names them
-    the same way on every rdma-core version."""
+    """The port's populated GIDs, one query each. The type and interface come from sysfs,
+    which names them the same way on every rdma-core version."""
     found = []
     attrs = SYSFS / device / "ports" / str(port) / "gid_attrs"
     for index in range(table_length):
@@ -103,8 +136,8 @@ def _gids(ctx: object, device: str, port: int, table_length: int) -> list[Gid]:
             gid = str(ctx.query_gid(port, index))  # type: ignore[attr-defined]
         except Exception:
             break
-        if ipaddress.IPv6Address(gid) == ipaddress.IPv6Address("::"):
-            continue
+        if not gid.strip("0:"):
+            continue  # an unpopulated entry (all zero)
         kind = _read(attrs / "types" / str(index)) or "unknown"
         found.append(Gid(index, gid, kind, _read(attrs / "ndevs" / str(index))))
     return found
