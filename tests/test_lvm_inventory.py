@@ -211,3 +211,26 @@ def test_a_namespace_reached_over_a_fabric_or_of_flashmesh_is_never_pooled(
     assert refused["/dev/nvme1n1"].endswith(": only local drives are pooled; exclude it by path")
     assert set(refused) == {"/dev/nvme1n1", "/dev/nvme2n1"}
     assert rec.changes() == []
+
+
+def test_an_event_pass_keeps_the_reports_of_the_pass_before() -> None:
+    """A publish or unpublish (an event pass) runs no lvm2 command: the agent is its volume
+    group's only writer. Its own change, a resync, a retry and a failed pass read afresh."""
+    from flashmesh.dataplane.agent.loop import Agent
+
+    rec = Recorder(lvs=recorded("lvs.json"))
+    agent = Agent(kube=None, node="storage-0", address="10.0.0.1", runner=rec)  # type: ignore[arg-type]
+
+    def lvs_after(trigger: str) -> int:
+        agent._trigger = trigger
+        agent._pass_lvm().volume_group(VG)
+        return sum(1 for a in rec.argv if a[0] == "lvs")
+
+    assert lvs_after("start") == 1
+    assert lvs_after("event") == 1
+    assert lvs_after("event") == 1
+    assert agent._pass_lvm().remove_volume(VG, "fm-000000000001-s0r0")
+    assert lvs_after("event") == 2  # its own change dropped the reports
+    assert lvs_after("resync") == 3
+    assert lvs_after("retry") == 4
+    assert lvs_after("single") == 5  # reconcile() called by itself never keeps them

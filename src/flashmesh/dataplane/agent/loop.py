@@ -70,6 +70,10 @@ class Agent:
     _devices: tuple[str, list[BlockDevice]] | None = None
     _cache: AgentCache | None = None
     _probe_drives: bool = True
+    # What started the pass under way ("single" for a reconcile() called by itself), and
+    # the lvm2 handle whose reports an event pass may keep (see _pass_lvm).
+    _trigger: str = "single"
+    _lvm: Lvm | None = None
     _beating: bool = False  # a heartbeat thread renews the Lease
     # When the last pass ended and the heartbeat thread last tried (time.monotonic).
     _passed_at: float = field(default_factory=time.monotonic)
@@ -110,6 +114,7 @@ class Agent:
         last_probe = time.monotonic()
         while not self._stopping.is_set():
             wake.clear()  # changes from here on wake the pass after this one
+            self._trigger = trigger
             self._probe_drives = trigger in ("start", "resync")
             if self._probe_drives:
                 last_probe = time.monotonic()
@@ -121,6 +126,7 @@ class Agent:
                 outcome = "ok"
             except Exception:  # keep serving; the next pass starts from what is there
                 log.exception("reconcile pass failed")
+                self._lvm = None
             metrics.PASS_SECONDS.labels(outcome).observe(time.monotonic() - begin)
             self._passed_at = time.monotonic()
             if settled:
@@ -171,7 +177,7 @@ class Agent:
             process.check(self.runner, ["modprobe", "-a", *modules])
         conditions: list[Condition] = []
         own_nqn, refused = self._host_identity(node_obj, conditions)
-        lvm = Lvm(self.runner)
+        lvm = self._pass_lvm()
         vg_name = naming.pool_volume_group(pool.metadata.name) if pool else None
         selected: set[str] = set()
         settled = True
@@ -209,6 +215,17 @@ class Agent:
         return settled and not any(c.reason == "VolumeGroupFailed" for c in conditions)
 
     # --- pieces -----------------------------------------------------------------------
+
+    def _pass_lvm(self) -> Lvm:
+        """The pass's lvm2 handle. An event pass keeps the reports of the pass before it:
+        the agent is its volume group's only writer and each of its own changes drops them,
+        so a publish or an unpublish runs no lvm2 command at all (each costs a second of an
+        emulated CPU, a good part of a real one). Start, resync and retry passes, and a pass
+        after a failed one, read afresh; so the thin pool's data use in the node's status is
+        as fresh as the last of those or of the agent's own changes."""
+        if self._trigger != "event" or self._lvm is None:
+            self._lvm = Lvm(self.runner)
+        return self._lvm
 
     def _storage_node(self) -> dict[str, Any]:
         found = self.cache.storage_node()
