@@ -10,7 +10,7 @@ import pytest
 
 from fake_nvmet import FakeNvmet
 from flashmesh.core import naming
-from flashmesh.dataplane.target.configfs import ConfigfsError, apply, observe
+from flashmesh.dataplane.target.configfs import ConfigfsError, apply, apply_each, observe
 from flashmesh.dataplane.target.fencing import Cutoffs, CutoffsError
 from flashmesh.dataplane.target.model import PORT_ID_BASE, Host, Namespace, Port, Subsystem, Target
 from flashmesh.dataplane.target.planner import Action, plan
@@ -312,6 +312,77 @@ def test_a_refusal_names_the_operation_and_stops(tmp_path: Path) -> None:
     bad = [Action("write", f"subsystems/{NQN}/namespaces/1/device_path", "/dev/x")]
     with pytest.raises(ConfigfsError, match="device_path = /dev/x: Device or resource busy"):
         apply(fs, bad)
+
+
+# --- one refusal, one object ---------------------------------------------------------------
+
+
+class Refusing(FakeNvmet):
+    """The fake kernel refusing writes to the attributes named (a namespace whose device
+    vanished, a key the kernel will not take), as the kernel does: EINVAL."""
+
+    def __init__(self, root: Path, refused: tuple[str, ...]) -> None:
+        super().__init__(root)
+        self.refused = refused
+
+    def write(self, rel: str, value: str) -> None:
+        if rel.endswith(self.refused):
+            raise OSError(22, "Invalid argument")
+        super().write(rel, value)
+
+
+def refusing(tmp_path: Path, state: Target | None, *refused: str) -> Refusing:
+    tree(tmp_path, state)
+    return Refusing(tmp_path, refused)
+
+
+def test_a_subsystem_refused_fails_alone_and_the_others_are_exported(tmp_path: Path) -> None:
+    both = target([subsystem(), subsystem(NQN2)], [port((NQN, NQN2))])
+    fs = refusing(tmp_path, None, f"{NQN}/namespaces/1/enable")
+    failures = apply_each(fs, plan(both, observe(fs)))
+    assert list(failures.subsystems) == [NQN] and not failures.hosts and not failures.ports
+    assert "enable = 1: Invalid argument" in failures.subsystems[NQN]
+    seen = observe(fs)
+    assert seen.subsystems[NQN2] == both.subsystems[NQN2]
+    assert seen.ports[PORT].subsystems == {NQN2}  # the refused one is not linked to a port
+    # apply() as before: the first refusal stops the plan.
+    fs2 = refusing(tmp_path / "stop", None, f"{NQN}/namespaces/1/enable")
+    with pytest.raises(ConfigfsError):
+        apply(fs2, plan(both, observe(fs2)))
+    assert NQN2 not in observe(fs2).subsystems
+
+
+def test_a_host_whose_key_is_refused_is_linked_nowhere_and_the_others_are_served(
+    tmp_path: Path,
+) -> None:
+    keyed = Target(
+        {NQN: subsystem(hosts=(HOST_A, HOST_B))},
+        {PORT: port()},
+        {HOST_A: Host(HOST_A, dhchap_key=KEY), HOST_B: Host(HOST_B, dhchap_key=KEY)},
+    )
+    fs = refusing(tmp_path, None, f"hosts/{HOST_A}/dhchap_key")
+    failures = apply_each(fs, plan(keyed, observe(fs)))
+    assert list(failures.hosts) == [HOST_A]
+    assert f"skipped: host {HOST_A} failed" in failures.subsystems[NQN]
+    seen = observe(fs)
+    # Linked without its key, HOST_A could connect unauthenticated: it is not linked.
+    assert seen.subsystems[NQN].allowed_hosts == {HOST_B}
+    assert seen.ports[PORT].subsystems == {NQN}
+
+
+def test_a_failed_host_never_holds_up_taking_access_away(tmp_path: Path) -> None:
+    before = target([subsystem(hosts=(HOST_A, HOST_B))], [port()], hosts=(HOST_A, HOST_B))
+    after = Target(
+        {NQN: subsystem(hosts=(HOST_A,)), NQN2: subsystem(NQN2, hosts=(HOST_B,))},
+        {PORT: port((NQN, NQN2))},
+        {HOST_A: Host(HOST_A), HOST_B: Host(HOST_B, dhchap_key=KEY)},
+    )
+    fs = refusing(tmp_path, before, f"hosts/{HOST_B}/dhchap_key")
+    failures = apply_each(fs, plan(after, observe(fs)))
+    assert HOST_B in failures.hosts
+    seen = observe(fs)
+    assert seen.subsystems[NQN].allowed_hosts == {HOST_A}  # HOST_B's access was taken away
+    assert seen.subsystems[NQN2].allowed_hosts == frozenset()  # and not given where refused
 
 
 # --- cut-offs that outlive the agent ------------------------------------------------------

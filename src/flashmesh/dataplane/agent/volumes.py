@@ -79,12 +79,12 @@ class VolumeReconciler:
         desired = desired_target(
             self.node, exportable, self.vg, self.endpoints, self.keys, frozenset(self.refused)
         )
-        try:
-            configfs.apply(fs, plan(desired, configfs.observe(fs, self.cutoffs)), self.cutoffs)
-        except configfs.ConfigfsError as exc:
-            log.warning("nvmet: %s", exc)
-            for nqn in desired.subsystems:
-                errors.setdefault(nqn, f"nvmet: {exc}")
+        # Object by object: one subsystem, host or port refused never holds up the others.
+        failures = configfs.apply_each(
+            fs, plan(desired, configfs.observe(fs, self.cutoffs)), self.cutoffs
+        )
+        for nqn, why in failures.subsystems.items():
+            errors.setdefault(nqn, f"nvmet: {why}")
         for nqn, lv in self._grown(existing, sizes, live):
             # The namespace reads its new size only when told; hosts then get an event.
             configfs.revalidate_size(fs, nqn)
@@ -111,7 +111,7 @@ class VolumeReconciler:
             self.wrote(self.kube.apply_status(body, self.manager))
             metrics.STATUS_WRITES.labels("Volume").inc()
         released = all([self._release(v, observed) for v in ours if v.metadata.deletion_timestamp])
-        return released and ready == len(entries_all) and not errors and not held
+        return released and ready == len(entries_all) and not errors and not held and not failures
 
     def _grown(
         self, before: dict[str, int], sizes: dict[str, int], volumes: list[Volume]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashmesh.dataplane import faults
@@ -133,29 +134,93 @@ def apply(
     (see fencing.py): a `fence` adds one, a `disconnect` that returns ends it."""
     cutoffs = cutoffs or NoCutoffs()
     for action in actions:
-        log.info("nvmet: %s", action)
-        faults.before_change(str(action))
+        _do(fs, action, cutoffs, debugfs)
+
+
+@dataclass
+class Failures:
+    """What a plan applied object by object could not do: per subsystem NQN (its own
+    refusal, or a step skipped for a port or host that failed), per host NQN, per port."""
+
+    subsystems: dict[str, str] = field(default_factory=dict)
+    hosts: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.subsystems or self.hosts or self.ports)
+
+
+def apply_each(
+    fs: Fs, actions: list[Action], cutoffs: Cutoffs | None = None, debugfs: Path = NVMET_DEBUGFS
+) -> Failures:
+    """Applies a plan object by object: a refusal fails the subsystem, host or port it
+    concerns, whose later steps are skipped, and every other object's steps go on. One
+    volume's missing device or one host's bad key must not freeze a node's exports.
+
+    A step that needs a failed object is skipped and charged to its subsystem: a host whose
+    key could not be written is linked nowhere (unlinked it could connect without a key);
+    a port that could not be made carries no subsystem. Such a subsystem's other steps go
+    on, so its other hosts are served."""
+    cutoffs = cutoffs or NoCutoffs()
+    failures = Failures()
+    failed: dict[tuple[str, str], str] = {}
+    for action in actions:
+        owner, needs = _objects(action)
+        if owner in failed:
+            continue
+        blocked = next((n for n in needs if n in failed), None)
+        if blocked is not None:
+            failures.subsystems.setdefault(
+                owner[1], f"{action} skipped: {blocked[0]} {blocked[1]} failed: {failed[blocked]}"
+            )
+            continue
         try:
-            if action.op == "mkdir":
-                fs.mkdir(action.path)
-            elif action.op == "rmdir":
-                fs.rmdir(action.path)
-                if action.path.count("/") == 1 and action.path.startswith("subsystems/"):
-                    cutoffs.forget(action.path.removeprefix("subsystems/"))
-            elif action.op == "write":
-                fs.write(action.path, action.value)
-            elif action.op == "link":
-                fs.link(action.path, action.value)
-            elif action.op == "unlink":
-                fs.unlink(action.path)
-            elif action.op == "fence":
-                cutoffs.add(action.path.removeprefix("subsystems/"), action.value)
-            else:
-                nqn = action.path.removeprefix("subsystems/")
-                log.info("nvmet: %s", disconnect(fs, nqn, action.value, debugfs))
-                cutoffs.done(nqn, action.value)
-        except OSError as exc:
-            raise ConfigfsError(action, exc) from exc
+            _do(fs, action, cutoffs, debugfs)
+        except ConfigfsError as exc:
+            log.warning("nvmet: %s", exc)
+            failed[owner] = str(exc)
+            getattr(failures, f"{owner[0]}s")[owner[1]] = str(exc)
+    return failures
+
+
+def _objects(action: Action) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    """The object an action changes, as (kind, name), and the objects it needs. Only a
+    link needs its target: taking access away (unlink, fence, disconnect) never waits for
+    anything."""
+    parts = action.path.split("/")
+    if parts[0] == "ports" and len(parts) == 4 and parts[2] == "subsystems":
+        return ("subsystem", parts[3]), [("port", parts[1])] if action.op == "link" else []
+    if parts[0] in ("ports", "hosts"):
+        return (parts[0][:-1], parts[1]), []
+    if len(parts) == 4 and parts[2] == "allowed_hosts" and action.op == "link":
+        return ("subsystem", parts[1]), [("host", parts[3])]
+    return ("subsystem", parts[1]), []
+
+
+def _do(fs: Fs, action: Action, cutoffs: Cutoffs, debugfs: Path) -> None:
+    log.info("nvmet: %s", action)
+    faults.before_change(str(action))
+    try:
+        if action.op == "mkdir":
+            fs.mkdir(action.path)
+        elif action.op == "rmdir":
+            fs.rmdir(action.path)
+            if action.path.count("/") == 1 and action.path.startswith("subsystems/"):
+                cutoffs.forget(action.path.removeprefix("subsystems/"))
+        elif action.op == "write":
+            fs.write(action.path, action.value)
+        elif action.op == "link":
+            fs.link(action.path, action.value)
+        elif action.op == "unlink":
+            fs.unlink(action.path)
+        elif action.op == "fence":
+            cutoffs.add(action.path.removeprefix("subsystems/"), action.value)
+        else:
+            nqn = action.path.removeprefix("subsystems/")
+            log.info("nvmet: %s", disconnect(fs, nqn, action.value, debugfs))
+            cutoffs.done(nqn, action.value)
+    except OSError as exc:
+        raise ConfigfsError(action, exc) from exc
 
 
 def disconnect(fs: Fs, nqn: str, host: str, debugfs: Path = NVMET_DEBUGFS) -> str:
