@@ -1,48 +1,55 @@
-"""The NVMe-oF host side over nvme-cli: connect to a segment's subsystem (idempotently, with
-the StorageClass's timeouts and an optional DH-HMAC-CHAP key), find its block device,
-rescan it after it grew, disconnect.
+"""The NVMe-oF host side: connect to a segment's subsystem (idempotently, with the
+StorageClass's timeouts and an optional DH-HMAC-CHAP key), find its block device, rescan it
+after it grew, disconnect.
 
-nvme-cli 2.3 (Debian 12) knows --ctrl-loss-tmo, --reconnect-delay and --keep-alive-tmo but
-not fast_io_fail_tmo, which is written to the controller's sysfs attribute once it exists
-(the kernel default is `off`: I/O then waits for ctrl_loss_tmo). `nvme connect` to an
-address the host is already connected to fails with "already connected", so sysfs is read
-first; a DH-HMAC-CHAP key goes through the redacting runner (process.check_secret) and
-never into a log line or an error message.
+A connect is written to /dev/nvme-fabrics as the kernel's option string, as nvme-cli does
+itself: the key never appears on a command line (where /proc/<pid>/cmdline shows it to the
+whole host), every option the kernel has is there (fast_io_fail_tmo, which nvme-cli 2.3
+lacks, among them), and no process is started (40 ms of an emulated CPU before nvme-cli
+does anything). The kernel refuses a second controller for the same path (EALREADY), so
+sysfs is read first; a key never reaches a log line or an error message.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashmesh.dataplane import process
 from flashmesh.dataplane.initiator import sysfs
 from flashmesh.dataplane.initiator.sysfs import SYSFS, Controller
-from flashmesh.dataplane.process import CommandError, Runner, SecretRunner
+from flashmesh.dataplane.process import CommandError, Runner
+
+log = logging.getLogger(__name__)
 
 DEV = Path("/dev")
+FABRICS = DEV / "nvme-fabrics"
+# Writes a connect's option string to the fabrics device; the kernel's answer
+# ("instance=N,cntlid=M"), or OSError with its errno.
+Fabrics = Callable[[str], str]
 TRANSPORTS = ("tcp", "rdma")
 SEGMENT_NSID = 1
-# What nvme-cli says when such a controller exists (another caller raced us): not an error.
-_ALREADY = "already connected"
-# Hints for the refusals seen in the lab (nvme-cli passes on the kernel's errno), so an
-# error says what to check.
-_HINTS = (
-    ("Input/output error", "refused: NQN not on that port, host not allowed, or a wrong key"),
-    ("Key was rejected", "the DH-HMAC-CHAP key is wrong"),
-    ("Required key not available", "the target wants a DH-HMAC-CHAP key"),
-    ("Operation not permitted", "the DH-HMAC-CHAP key is malformed"),
-    ("Connection refused", "no nvmet port listens at that address"),
-    ("Connection timed out", "the address does not answer (network, or the node is down)"),
+# Hints for the refusals seen in the lab, by the kernel's errno, so an error says what to
+# check.
+_HINTS = {
+    errno.EIO: "refused: NQN not on that port, host not allowed, or a wrong key",
+    errno.EKEYREJECTED: "the DH-HMAC-CHAP key is wrong",
+    errno.ENOKEY: "the target wants a DH-HMAC-CHAP key",
+    errno.EPERM: "the DH-HMAC-CHAP key is malformed",
+    errno.ECONNREFUSED: "no nvmet port listens at that address",
+    errno.ETIMEDOUT: "the address does not answer (network, or the node is down)",
     # Since Linux 6.5 the kernel refuses a host NQN it already knows with another host ID
     # ("found same hostnqn ... but different hostid" in its log).
-    (
-        "Invalid argument",
+    errno.EINVAL: (
         "the kernel knows this host NQN with another host ID: does another NVMe-oF tool on "
-        "this node use /etc/nvme/hostnqn with a different /etc/nvme/hostid?",
+        "this node use /etc/nvme/hostnqn with a different /etc/nvme/hostid?"
     ),
-)
+}
 
 
 class InitiatorError(RuntimeError):
@@ -83,33 +90,35 @@ class ConnectOptions:
     def where(self) -> str:
         return f"{self.nqn} at {self.transport} {self.traddr}:{self.trsvcid}"
 
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.dhchap_secret, self.dhchap_ctrl_secret) if s)
 
-
-def connect_argv(opts: ConnectOptions) -> list[str]:
-    """The `nvme connect` command line (with the secrets in it: run it redacted)."""
-    argv = [
-        "nvme",
-        "connect",
-        f"--transport={opts.transport}",
-        f"--traddr={opts.traddr}",
-        f"--trsvcid={opts.trsvcid}",
-        f"--nqn={opts.nqn}",
-        f"--hostnqn={opts.hostnqn}",
-    ]
-    optional = (
-        ("--hostid", opts.hostid),
-        ("--ctrl-loss-tmo", opts.ctrl_loss_tmo),
-        ("--reconnect-delay", opts.reconnect_delay),
-        ("--keep-alive-tmo", opts.keep_alive_tmo),
-        ("--nr-io-queues", opts.nr_io_queues),
-        ("--dhchap-secret", opts.dhchap_secret),
-        ("--dhchap-ctrl-secret", opts.dhchap_ctrl_secret),
+def fabrics_options(opts: ConnectOptions) -> str:
+    """The kernel's option string for this path (with the secrets in it: never log it)."""
+    fields = (
+        ("transport", opts.transport),
+        ("traddr", opts.traddr),
+        ("trsvcid", opts.trsvcid),
+        ("nqn", opts.nqn),
+        ("hostnqn", opts.hostnqn),
+        ("hostid", opts.hostid),
+        ("ctrl_loss_tmo", opts.ctrl_loss_tmo),
+        ("reconnect_delay", opts.reconnect_delay),
+        ("fast_io_fail_tmo", opts.fast_io_fail_tmo),
+        ("keep_alive_tmo", opts.keep_alive_tmo),
+        ("nr_io_queues", opts.nr_io_queues),
+        ("dhchap_secret", opts.dhchap_secret),
+        ("dhchap_ctrl_secret", opts.dhchap_ctrl_secret),
     )
-    argv += [f"{flag}={value}" for flag, value in optional if value is not None]
-    return argv
+    return ",".join(f"{key}={value}" for key, value in fields if value is not None)
+
+
+def write_fabrics(options: str, device: Path = FABRICS) -> str:
+    """Asks the kernel for a controller: one write of the option string, then its answer."""
+    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.write(fd, options.encode())
+        return os.read(fd, 256).decode().strip()
+    finally:
+        os.close(fd)
 
 
 def _matching(opts: ConnectOptions, root: Path) -> list[Controller]:
@@ -126,8 +135,9 @@ def _matching(opts: ConnectOptions, root: Path) -> list[Controller]:
     ]
 
 
-def _hint(detail: str) -> str:
-    return next((f" ({hint})" for text, hint in _HINTS if text in detail), "")
+def _hint(code: int | None) -> str:
+    hint = _HINTS.get(code or 0)
+    return f" ({hint})" if hint else ""
 
 
 def _ensure_module(runner: Runner, transport: str, root: Path) -> None:
@@ -148,12 +158,13 @@ def _set_fast_io_fail(controller: str, value: int, root: Path) -> None:
 
 
 def connect(
-    runner: SecretRunner,
+    runner: Runner,
     opts: ConnectOptions,
     sysfs_root: Path = SYSFS,
     dev_root: Path = DEV,
     timeout: float = 60.0,
     poll: float = 0.2,
+    fabrics: Fabrics = write_fabrics,
 ) -> str:
     """Connects this path unless a controller for it already exists (live, or reconnecting
     on its own), then waits for namespace 1's block device and returns its /dev path.
@@ -161,12 +172,12 @@ def connect(
     if not _matching(opts, sysfs_root):
         _ensure_module(runner, opts.transport, sysfs_root)
         try:
-            process.check_secret(runner, connect_argv(opts), opts.secrets)
-        except CommandError as exc:
-            detail = exc.result.stderr.strip() or exc.result.stdout.strip()
-            if _ALREADY not in detail:
+            log.info("connect %s: %s", opts.where, fabrics(fabrics_options(opts)))
+        except OSError as exc:
+            if exc.errno != errno.EALREADY:  # another caller raced us: not an error
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise InitiatorError(
-                    f"nvme connect to {opts.where} failed: {detail}{_hint(detail)}"
+                    f"nvme connect to {opts.where} failed: {why}{_hint(exc.errno)}"
                 ) from None
     deadline = time.monotonic() + timeout
     while True:
