@@ -26,7 +26,9 @@ from flashmesh.core import naming, resources
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.csi_driver.cluster import Cluster
 from flashmesh.csi_driver.controller import Controller
+from flashmesh.csi_driver.errors import CsiError, status_of
 from flashmesh.csi_driver.identity import Identity
+from flashmesh.csi_driver.placement_lease import PlacementLease
 from flashmesh.csi_driver.server import serve
 from flashmesh.informer import Informer, key_of
 from flashmesh.kube import Kube
@@ -636,3 +638,49 @@ def test_a_retried_expand_waits_for_the_segments_too(
     # A block volume striped over two segments: the node's dm table must take the size.
     expand.volume_capability.CopyFrom(block())
     assert stub[0].ControllerExpandVolume(expand, timeout=30).node_expansion_required
+
+
+# --- several controllers ------------------------------------------------------------------
+
+
+def test_the_placement_lease_is_held_by_one_controller_at_a_time(pool: Kube) -> None:
+    first = PlacementLease(pool, NS, "controller-a")
+    second = PlacementLease(pool, NS, "controller-b", wait_seconds=0.3)
+    with first.held(), pytest.raises(CsiError) as busy, second.held():
+        pass
+    assert busy.value.code == Code.UNAVAILABLE and "(controller-a)" in busy.value.message
+    second.wait_seconds = 10
+    with second.held() as knows_all:
+        assert not knows_all  # controller-a placed last: its Volume may not be cached here
+    with second.held() as knows_all:
+        assert knows_all
+
+
+def test_two_controllers_never_place_into_the_same_space(
+    pool: Kube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two controller replicas (each sidecar elects its own leader, so CreateVolume and an
+    expand can run in different pods), the second one's Volume watch behind (a cache filled
+    once and never watched). The Lease says another controller placed last, so the second
+    counts the first one's volume from the API server and refuses what no longer fits."""
+    clusters = [Cluster(pool, NS, wait_seconds=0.3, observe_seconds=0.2).start() for _ in "ab"]
+    behind = Informer(pool, API, "Volume")
+    behind.fill()
+    clusters[1].cache.volumes = behind
+    for cluster in clusters:
+        monkeypatch.setattr(cluster, "wait", lambda what, missing: None)  # agents reported
+    free = min(n.free for n in clusters[0].space(POOL))
+    size = 2 * (free * 3 // 4 // MIB * MIB)  # each of the 2 segments takes 3/4 of a node
+    names = ["pvc-replica-a", "pvc-replica-b"]
+    try:
+        Controller(clusters[0]).CreateVolume(create(names[0], size=size), None)
+        with pytest.raises(Exception) as refused:
+            Controller(clusters[1]).CreateVolume(create(names[1], size=size), None)
+        code, message = status_of(refused.value)
+        assert code == Code.RESOURCE_EXHAUSTED and "need 2 ready node(s) with room" in message
+        assert pool.get(API, "Volume", naming.volume_id(names[1])) is None
+    finally:
+        for name in names:
+            pool.delete(API, "Volume", naming.volume_id(name))
+        for cluster in clusters:
+            cluster.stop()

@@ -124,9 +124,16 @@ class Cluster:
             spec.get("renewTime"), int(spec.get("leaseDurationSeconds") or 0), now or _now()
         )
 
-    def space(self, pool: str) -> list[NodeSpace]:
-        """Each of the pool's nodes: its thin pool's size, what is promised on it, health."""
-        used = space_used(self.volumes(), self.snapshots())
+    def space(self, pool: str, fresh: bool = False) -> list[NodeSpace]:
+        """Each of the pool's nodes: its thin pool's size, what is promised on it, health.
+        fresh: what is promised is counted from the API server's Volumes and Snapshots, not
+        the caches (another controller placed last: its Volume may not be cached yet)."""
+        if fresh:
+            volumes = [Volume.from_dict(v) for v in self.kube.list(API, "Volume")]
+            snapshots = [Snapshot.from_dict(s) for s in self.kube.list(API, "Snapshot")]
+            used = space_used(volumes, snapshots)
+        else:
+            used = space_used(self.volumes(), self.snapshots())
         out = []
         for node in self.storage_nodes(pool):
             group = node.status.volume_group if node.status else None

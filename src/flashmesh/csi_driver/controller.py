@@ -11,6 +11,8 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,6 +30,7 @@ from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.csi_driver.cluster import API, Cluster, segments_missing
 from flashmesh.csi_driver.errors import CsiError, invalid, not_found, require
 from flashmesh.csi_driver.locks import VolumeLocks
+from flashmesh.csi_driver.placement_lease import PlacementLease
 
 log = logging.getLogger(__name__)
 RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -126,10 +129,24 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     fabric: str = "default"
     locks: VolumeLocks = field(default_factory=VolumeLocks)
 
+    # One placement at a time among every controller of the cluster (None: made from the
+    # cluster's client and namespace).
+    placement: PlacementLease | None = None
+
     def __post_init__(self) -> None:
         # Placement reads free space and then writes a Volume: one at a time, so two
-        # volumes never count the same space.
+        # volumes never count the same space; the lock in this process, the Lease among
+        # processes (placement_lease.py).
         self._placing = threading.Lock()
+        if self.placement is None:
+            self.placement = PlacementLease(self.cluster.kube, self.cluster.namespace)
+
+    @contextmanager
+    def _place(self) -> Iterator[bool]:
+        """Held while placing; yields whether the caches count every placement."""
+        assert self.placement is not None
+        with self._placing, self.placement.held() as knows_all:
+            yield knows_all
 
     # --- volumes ------------------------------------------------------------------------
 
@@ -275,8 +292,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         layout = chosen.layout
         count = layout.stripe_width * layout.replicas
         segment = mirrors.segment_bytes(size, layout.stripe_width, layout.replicas)
-        with self._placing:
-            space = self.cluster.space(chosen.pool)
+        with self._place() as knows_all:
+            space = self.cluster.space(chosen.pool, fresh=not knows_all)
             if source is None:
                 nodes = place(space, count, segment)
             else:
@@ -648,8 +665,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         count = len(volume.spec.segments)
         layout = volume.spec.layout
         segment = mirrors.segment_bytes(size, layout.stripe_width, layout.replicas)
-        with self._placing:
-            space = {n.name: n for n in self.cluster.space(volume.spec.pool)}
+        with self._place() as knows_all:
+            space = {n.name: n for n in self.cluster.space(volume.spec.pool, not knows_all)}
             everything = largest_volume(list(space.values()), count)
             if size > everything:
                 raise _fail(
