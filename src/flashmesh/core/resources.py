@@ -157,6 +157,9 @@ class StoragePool(Resource):
 @dataclass
 class StorageNodeSpec:
     pool: str | None = None
+    # The address the node serves NVMe-oF on, where it is not the agent's --address (the
+    # chart gives status.hostIP, the management network on a multi-homed node).
+    fabric_address: str | None = None
 
 
 @dataclass

@@ -18,7 +18,7 @@ from flashmesh.core.hosts import duplicate_message, refusal_message, shared_host
 from flashmesh.core.resources import Condition, Endpoint, StorageNode, StoragePool, Volume
 from flashmesh.core.units import parse_bytes
 from flashmesh.dataplane import identity, process, rdma, udev
-from flashmesh.dataplane.agent import metrics
+from flashmesh.dataplane.agent import fabric_address, metrics
 from flashmesh.dataplane.agent.cache import AgentCache
 from flashmesh.dataplane.agent.labels import label_own_objects
 from flashmesh.dataplane.agent.node_status import NodeReport, report_node
@@ -170,12 +170,12 @@ class Agent:
         pool = self._pool(node.spec.pool)
         devices = self._inventory(pool)
         ports = rdma.discover()
-        endpoints = self._endpoints(ports, pool)
+        conditions: list[Condition] = []
+        endpoints = self._endpoints(ports, pool, self._fabric_address(node_obj, conditions))
         # nvmet and a target driver per transport served (no-ops once loaded).
         modules = ["nvmet", *(f"nvmet-{e.transport}" for e in endpoints)]
         if any(not (MODULES / m.replace("-", "_")).exists() for m in modules):
             process.check(self.runner, ["modprobe", "-a", *modules])
-        conditions: list[Condition] = []
         own_nqn, refused = self._host_identity(node_obj, conditions)
         lvm = self._pass_lvm()
         vg_name = naming.pool_volume_group(pool.metadata.name) if pool else None
@@ -286,13 +286,28 @@ class Agent:
         data = self.cache.pool(name)
         return StoragePool.from_dict(data) if data else None
 
-    def _endpoints(self, ports: list[rdma.Port], pool: StoragePool | None) -> list[Endpoint]:
+    def _endpoints(
+        self, ports: list[rdma.Port], pool: StoragePool | None, address: str
+    ) -> list[Endpoint]:
         """tcp always; rdma when an active RDMA port carries the node's fabric address."""
         can = ["tcp"]
-        if rdma.port_for_address(ports, self.address) is not None:
+        if rdma.port_for_address(ports, address) is not None:
             can.append("rdma")
         wanted = pool.spec.transports if pool else can
-        return [Endpoint(t, self.address, self.port) for t in sorted(can) if t in wanted]
+        return [Endpoint(t, address, self.port) for t in sorted(can) if t in wanted]
+
+    def _fabric_address(self, node_obj: dict[str, Any], conditions: list[Condition]) -> str:
+        """spec.fabricAddress, else --address; a change waits for no volume published."""
+        wanted = (node_obj.get("spec") or {}).get("fabricAddress")
+        shown = (node_obj.get("status") or {}).get("endpoints") or []
+        serving = shown[0].get("address") if shown else None
+        published = sum(1 for v in self.cache.volumes.items() if (v.get("spec") or {}).get("hosts"))
+        target = wanted or self.address
+        address, condition = fabric_address.choose(
+            wanted, self.address, serving, published, fabric_address.is_local(target)
+        )
+        conditions.append(condition)
+        return address
 
     def _host_identity(
         self, node_obj: dict[str, Any], conditions: list[Condition]
