@@ -349,9 +349,12 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     (
         "a fabric address that is no IPv4 address",
-        {"apiVersion": resources.API_VERSION, "kind": "StorageNode",
-         "metadata": {"name": "sn-bad-address"},
-         "spec": {"fabricAddress": "storage-0.fabric"}},
+        {
+            "apiVersion": resources.API_VERSION,
+            "kind": "StorageNode",
+            "metadata": {"name": "sn-bad-address"},
+            "spec": {"fabricAddress": "storage-0.fabric"},
+        },
         "spec.fabricAddress",
         "must be of type ipv4",
     ),

@@ -13,7 +13,9 @@ controller needs."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from flashmesh.core import naming, resources
+from flashmesh.csi_driver import orphans
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
 from flashmesh.csi_driver.cluster import Cluster
 from flashmesh.csi_driver.controller import Controller
@@ -684,3 +687,70 @@ def test_two_controllers_never_place_into_the_same_space(
             pool.delete(API, "Volume", naming.volume_id(name))
         for cluster in clusters:
             cluster.stop()
+
+
+# --- volumes no claim will own ----------------------------------------------------------
+
+
+def _claim(kube: Kube, name: str) -> str:
+    """A PVC in NS (nothing binds it); its UID."""
+    made = kube.create({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "none",
+                 "resources": {"requests": {"storage": "8Mi"}}},
+    })  # fmt: skip
+    return str(made["metadata"]["uid"])
+
+
+def test_volumes_no_claim_will_own_are_collected(
+    pool: Kube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = Cluster(pool, NS, wait_seconds=0.3).start()
+    monkeypatch.setattr(cluster, "wait", lambda what, missing: None)  # as if agents reported
+    controller = Controller(cluster)
+    uid = str(uuid.uuid4())
+
+    def make(csi_name: str, claim: str | None) -> str:
+        extra = {} if claim is None else {orphans.PVC_NAME: claim, orphans.PVC_NAMESPACE: NS}
+        request = create(csi_name, 8 * MIB)
+        request.parameters.update(extra)
+        return controller.CreateVolume(request, None).volume.volume_id
+
+    live_uid = _claim(pool, "live-claim")
+    volumes = {
+        "gone": make(f"pvc-{uid}", "gone-claim"),  # its PVC deleted: collected
+        "bound": make(f"pvc-{uuid.uuid4()}", "bound-claim"),  # a PV names it
+        "live": make(f"pvc-{live_uid}", "live-claim"),  # its PVC is there
+        "replaced": make(f"pvc-{uuid.uuid4()}", "live-claim"),  # that PVC is another one
+        "sanity": make("sanity-volume-1", None),  # made outside Kubernetes: never collected
+        "published": make(f"pvc-{uuid.uuid4()}", "published-claim"),
+    }
+    stored = pool.get(API, "Volume", volumes["gone"]) or {}
+    assert stored["metadata"]["annotations"][orphans.CLAIM] == f"{NS}/gone-claim"
+    pool.patch(API, "Volume", volumes["published"], {"spec": {"hosts": ["nqn.host"]}})
+    pv = pool.create({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "orphan-test-pv"},
+        "spec": {"capacity": {"storage": "8Mi"}, "accessModes": ["ReadWriteOnce"],
+                 "persistentVolumeReclaimPolicy": "Retain",
+                 "csi": {"driver": resources.CSI_DRIVER, "volumeHandle": volumes["bound"]}},
+    })  # fmt: skip
+    collector = orphans.OrphanCollector(cluster, grace_seconds=600)
+    try:
+        assert collector.collect() == []  # all younger than the grace
+        later = datetime.now(UTC) + timedelta(hours=1)
+        cached_volumes = cluster.cache.volumes
+        for vid in volumes.values():  # the hosts patch and the rest, seen by the cache
+            cached_volumes.wait_seen(vid, (pool.get(API, "Volume", vid) or {})["metadata"][
+                "resourceVersion"], 10)  # fmt: skip
+        assert sorted(collector.collect(later)) == sorted([volumes["gone"], volumes["replaced"]])
+        left = {v["metadata"]["name"] for v in pool.list(API, "Volume")}
+        for kept in ("bound", "live", "sanity", "published"):
+            assert volumes[kept] in left
+    finally:
+        pool.delete("v1", "PersistentVolume", pv["metadata"]["name"])
+        pool.delete("v1", "PersistentVolumeClaim", "live-claim", NS)
+        pool.patch(API, "Volume", volumes["published"], {"spec": {"hosts": []}})
+        for vid in volumes.values():
+            pool.delete(API, "Volume", vid)
+        cluster.stop()

@@ -23,6 +23,9 @@ from flashmesh.csi_driver.errors import CsiError, invalid
 from flashmesh.kube import Kube, KubeError
 
 API = resources.API_VERSION
+# The mark the chart's admission policy wants on a Volume before it may be deleted while a
+# PersistentVolume names it: set by a deletion asked through CSI (or of an orphan).
+DELETE_CONFIRMED = f"{resources.GROUP}/delete-confirmed"
 # A wait wakes on every Volume and Snapshot change; this is only the longest it sleeps
 # between two looks at the cache when nothing changes (no API request either way).
 RECHECK_SECONDS = 5.0

@@ -25,9 +25,9 @@ from flashmesh.core.capacity import volume_size
 from flashmesh.core.placement import PlacementError, largest_volume, place
 from flashmesh.core.resources import Snapshot, StoragePool, Volume
 from flashmesh.core.units import format_bytes, parse_bytes
-from flashmesh.csi_driver import capabilities
+from flashmesh.csi_driver import capabilities, orphans
 from flashmesh.csi_driver._proto import csi_pb2, csi_pb2_grpc
-from flashmesh.csi_driver.cluster import API, Cluster, segments_missing
+from flashmesh.csi_driver.cluster import API, DELETE_CONFIRMED, Cluster, segments_missing
 from flashmesh.csi_driver.errors import CsiError, invalid, not_found, require
 from flashmesh.csi_driver.locks import VolumeLocks
 from flashmesh.csi_driver.placement_lease import PlacementLease
@@ -37,7 +37,6 @@ RPC = csi_pb2.ControllerServiceCapability.RPC
 TOPOLOGY_KEY = resources.TOPOLOGY_KEY
 MANAGER = "flashmesh-csi-controller"
 PUBLISHED = f"{resources.GROUP}/published"
-DELETE_CONFIRMED = f"{resources.GROUP}/delete-confirmed"
 # The volume_context CreateVolume answered when it made the Volume: a repeat answers the
 # same, and one asking for other parameters (transport, timeouts, queues) is refused.
 VOLUME_CONTEXT = f"{resources.GROUP}/volume-context"
@@ -188,7 +187,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 self._refuse_torn_copy(copied, "clone")
                 access = _access(request)
                 context = _context(chosen, access, pool)
-                volume = self._make(vid, request.name, chosen, size, source, access, context)
+                claim = orphans.claim_of(dict(request.parameters))
+                volume = self._make(vid, request.name, chosen, size, source, access, context, claim)
             else:
                 self._same(volume, request, chosen, source)
             self.cluster.wait(f"volume {vid}", lambda: segments_missing(self.cluster.volume(vid)))
@@ -288,6 +288,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         source: Source | None,
         access_type: str,
         context: dict[str, str],
+        claim: str | None = None,
     ) -> Volume:
         layout = chosen.layout
         count = layout.stripe_width * layout.replicas
@@ -326,6 +327,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             }
             # Labelled by node, so each agent watches only the volumes it serves.
             annotations = {VOLUME_CONTEXT: json.dumps(context, sort_keys=True)}
+            if claim:  # the PVC it is for: a Volume no claim will own is collected (orphans.py)
+                annotations[orphans.CLAIM] = claim
             meta: dict[str, Any] = {"name": vid, "labels": naming.node_labels(nodes),
                                     "annotations": annotations}  # fmt: skip
             if source:

@@ -34,6 +34,7 @@ def run(
     if mode in ("controller", "all"):
         from flashmesh.csi_driver.cluster import Cluster
         from flashmesh.csi_driver.controller import Controller
+        from flashmesh.csi_driver.orphans import OrphanCollector
         from flashmesh.kube import Kube
 
         kube = Kube.from_kubeconfig(kubeconfig, user_agent="flashmesh-csi-controller")
@@ -41,6 +42,7 @@ def run(
         # Calls read the caches: filled (or the start fails) before the server serves.
         cluster.start()
         controller = Controller(cluster, fabric)
+        OrphanCollector(cluster).start()  # a daemon thread: ends with the process
         register.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s))
     if mode in ("node", "all"):
         from flashmesh.csi_driver.metrics import watch_paths
