@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,22 @@ class Attached:
             csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(self.vm)),
             timeout=600,
         )
+
+
+@contextmanager
+def cleaned_up(lab: Lab, driver: Driver, vid: str, vm: str) -> Iterator[None]:
+    """A scenario's volume unpublished and deleted whatever the scenario did (both calls
+    are idempotent); a CSI call refused is a failure with the driver's logs."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise AssertionError(f"{err.code()}: {err.details()}\n{logs(lab)}") from None
+    finally:
+        driver.controller.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(vm)),
+            timeout=600,
+        )
+        driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=600)
 
 
 def logs(lab: Lab) -> str:
@@ -284,7 +301,7 @@ def test_a_raw_block_volume_staged_as_a_filesystem_is_refused_and_kept(
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, logs(lab)
         return str(refused.value.details())
 
-    try:
+    with cleaned_up(lab, driver, vid, gpu):
         raw = Attached(driver, volume, gpu, writer, block=True)
         sh(
             lab,
@@ -314,14 +331,6 @@ def test_a_raw_block_volume_staged_as_a_filesystem_is_refused_and_kept(
         refusals = ("Operation not permitted", "Permission denied", "Read-only file system")
         assert write.rc != 0 and any(r in write.output for r in refusals), write.output
         ro.detach()
-    except grpc.RpcError as err:
-        raise AssertionError(f"{err.code()}: {err.details()}\n{logs(lab)}") from None
-    finally:
-        driver.controller.ControllerUnpublishVolume(
-            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=host_nqn(gpu)),
-            timeout=600,
-        )
-        driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=600)
     scenario.done(
         "a block volume partitioned (gpt) and written, staged as ext4: refused (the table "
         "named); its table wiped, leaving data blkid knows nothing of, staged as ext4: "
@@ -392,4 +401,52 @@ def test_the_node_connects_with_the_identity_the_hosts_other_connections_use(
     scenario.done(
         f"{gpu}'s /etc/nvme pairs its NQN with a random host ID and another connection uses "
         "that pair: the node plugin staged, wrote and unstaged a volume beside it"
+    )
+
+
+def test_a_striped_block_volume_grows_online_in_the_pods_device(
+    lab: Lab, driver: Driver, scenario: Scenario
+) -> None:
+    """A striped raw block volume in use grows: the controller grows its segments and asks
+    for node expansion (there is a dm stripe to reload), the node reloads the table over
+    the grown segments, and the device the pod holds shows the new size with its bytes
+    where they were and room written past the old end."""
+    gpu, writer = GPU0.name, Mode.SINGLE_NODE_WRITER
+    volume = create(driver, "pvc-csi-grow-block", stripes=2, caps=[block_cap(writer)])
+    vid, size = volume.volume_id, 64 << 20
+    checksum = "head -c 16M {target} | sha256sum | cut -d' ' -f1"
+    with cleaned_up(lab, driver, vid, gpu):
+        attached = Attached(driver, volume, gpu, writer, block=True)
+        target = attached.target
+        sh(lab, gpu, f"dd if=/dev/urandom of={target} bs=1M count=16 oflag=direct status=none")
+        before = sh(lab, gpu, checksum.format(target=target)).strip()
+        grown = driver.controller.ControllerExpandVolume(
+            csi_pb2.ControllerExpandVolumeRequest(
+                volume_id=vid,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=2 * size),
+                volume_capability=attached.cap,
+            ),
+            timeout=600,
+        )
+        assert grown.capacity_bytes == 2 * size and grown.node_expansion_required
+        answer = driver.nodes[gpu].NodeExpandVolume(
+            csi_pb2.NodeExpandVolumeRequest(
+                volume_id=vid,
+                volume_path=target,
+                staging_target_path=attached.staging,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=2 * size),
+                volume_capability=attached.cap,
+            ),
+            timeout=300,
+        )
+        seen = int(sh(lab, gpu, f"blockdev --getsize64 {target}").strip())
+        assert answer.capacity_bytes == seen == 2 * size, (answer.capacity_bytes, seen)
+        assert sh(lab, gpu, checksum.format(target=target)).strip() == before
+        sh(lab, gpu, f"dd if=/dev/urandom of={target} bs=1M seek=100 count=8 oflag=direct "
+                     "status=none")  # fmt: skip
+        attached.detach()
+    scenario.done(
+        f"a 2-way striped block volume published on {gpu} grew online from 64 to 128 MiB: "
+        "the pod's device shows 128 MiB, its first 16 MiB unchanged, 8 MiB written past "
+        "the old end"
     )
