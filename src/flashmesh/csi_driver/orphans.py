@@ -15,7 +15,7 @@ controller looks for Volumes that
 - and whose claim is gone (or is another claim of the same name: its UID is not the one
   the volume's name carries),
 
-and deletes them as DeleteVolume would, with an Event-free log line and a metric.
+and deletes them as DeleteVolume would, saying so in its log and a metric.
 """
 
 from __future__ import annotations
@@ -129,9 +129,4 @@ class OrphanCollector:
 
 
 def _time(stamp: str | None) -> datetime | None:
-    if not stamp:
-        return None
-    try:
-        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None

@@ -22,11 +22,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
+from flashmesh.core.placement import heartbeat_fresh
 from flashmesh.csi_driver.errors import CsiError
 from flashmesh.kube import Kube, KubeError
 
@@ -127,16 +128,8 @@ class PlacementLease:
 def _held_by_other(lease: dict[str, Any], me: str, now: datetime) -> bool:
     spec = lease.get("spec") or {}
     holder = spec.get("holderIdentity")
-    if not holder or holder == me:
-        return False
-    renewed = spec.get("renewTime")
-    if not renewed:
-        return False
-    try:
-        at = datetime.strptime(renewed, _STAMP).replace(tzinfo=UTC)
-    except ValueError:
-        return False
-    return now < at + timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
+    duration = int(spec.get("leaseDurationSeconds") or 0)
+    return bool(holder) and holder != me and heartbeat_fresh(spec.get("renewTime"), duration, now)
 
 
 def _now() -> datetime:

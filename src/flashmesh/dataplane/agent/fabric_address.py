@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable
 
 from flashmesh.core.resources import Condition
 
@@ -22,13 +23,17 @@ def is_local(address: str) -> bool:
 
 
 def choose(
-    wanted: str | None, flag: str, serving: str | None, published: int, local: bool
+    wanted: str | None,
+    flag: str,
+    serving: str | None,
+    published: int,
+    local: Callable[[str], bool] = is_local,
 ) -> tuple[str, Condition]:
     """The address to serve on, and the condition saying so.
 
     wanted: spec.fabricAddress; flag: the agent's --address; serving: the address of the
     endpoints last reported (None before the first); published: the node's volumes with a
-    host; local: whether the address to take is on an interface of this node."""
+    host; local: whether an address is on an interface of this node."""
     target = wanted or flag
     source = "spec.fabricAddress" if wanted else "the agent's --address"
     if serving and serving != target and published:
@@ -39,7 +44,7 @@ def choose(
             f"serving on {serving} until no volume of this node is published ({published} "
             f"are): hosts connect to the address they were given; {target} ({source}) then",
         )
-    if not local:
+    if not local(target):
         return target, Condition(
             TYPE,
             "False",

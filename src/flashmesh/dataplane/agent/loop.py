@@ -302,10 +302,7 @@ class Agent:
         shown = (node_obj.get("status") or {}).get("endpoints") or []
         serving = shown[0].get("address") if shown else None
         published = sum(1 for v in self.cache.volumes.items() if (v.get("spec") or {}).get("hosts"))
-        target = wanted or self.address
-        address, condition = fabric_address.choose(
-            wanted, self.address, serving, published, fabric_address.is_local(target)
-        )
+        address, condition = fabric_address.choose(wanted, self.address, serving, published)
         conditions.append(condition)
         return address
 
