@@ -67,6 +67,22 @@ def test_the_interfaces_of_active_rdma_ports(tmp_path: Path) -> None:
     assert rdma_interfaces([roce, down, ib], tmp_path) == {"eth1", "ib0"}
 
 
+def test_only_the_interfaces_of_the_active_port_of_a_two_port_hca(tmp_path: Path) -> None:
+    """One PCI device, two ports (ConnectX-3 VPI): port 1 InfiniBand and ACTIVE with ib0,
+    port 2 DOWN with ib1 and an Ethernet interface of the same device. Routes over ib1 or
+    the Ethernet interface do not lead through port 1."""
+    net = tmp_path / "mlx4_0" / "device" / "net"
+    for name, kind, dev_port in (("ib0", 32, 0), ("ib1", 32, 1), ("enp1s0d1", 1, 1)):
+        (net / name).mkdir(parents=True)
+        (net / name / "type").write_text(f"{kind}\n")
+        (net / name / "dev_port").write_text(f"{dev_port}\n")
+    up = rdma.Port("mlx4_0", 1, "ACTIVE", "InfiniBand", [rdma.Gid(0, "fe80::1", "IB/RoCE v1")])
+    down = rdma.Port("mlx4_0", 2, "DOWN", "InfiniBand", [rdma.Gid(0, "fe80::2", "IB/RoCE v1")])
+    assert rdma_interfaces([up, down], tmp_path) == {"ib0"}
+    second = rdma.Port("mlx4_0", 2, "ACTIVE", "InfiniBand", [])
+    assert rdma_interfaces([down, second], tmp_path) == {"ib1"}
+
+
 class Events:
     def __init__(self) -> None:
         self.written: list[tuple[str, str, str]] = []

@@ -55,7 +55,8 @@ def plan(
 
 def rdma_interfaces(ports: Iterable[rdma.Port], sysfs: Path = SYSFS_RDMA) -> set[str]:
     """The network interfaces the node's ACTIVE RDMA ports ride on: a RoCE port's GID
-    interfaces, an InfiniBand HCA's IPoIB interfaces (its PCI device's net folder)."""
+    interfaces, an InfiniBand port's IPoIB interfaces (in its PCI device's net folder,
+    which also holds the device's other ports' interfaces)."""
     found: set[str] = set()
     for port in ports:
         if port.state != "ACTIVE":
@@ -63,8 +64,21 @@ def rdma_interfaces(ports: Iterable[rdma.Port], sysfs: Path = SYSFS_RDMA) -> set
         found |= {g.netdev for g in port.gids if g.netdev}
         net = sysfs / port.device / "device" / "net"
         if port.link_layer == "InfiniBand" and net.is_dir():
-            found |= {n.name for n in net.iterdir()}
+            found |= {n.name for n in net.iterdir() if _ipoib_of(n, port.port)}
     return found
+
+
+ARPHRD_INFINIBAND = "32"
+
+
+def _ipoib_of(netdev: Path, port: int) -> bool:
+    """Whether an interface of an HCA is IPoIB over this port (dev_port counts the ports
+    from 0); one whose sysfs says neither is taken, as the device's own."""
+    try:
+        kind, dev_port = ((netdev / f).read_text().strip() for f in ("type", "dev_port"))
+    except OSError:
+        return True
+    return kind == ARPHRD_INFINIBAND and dev_port == str(port - 1)
 
 
 def route_interface(address: str, table: str) -> str | None:
