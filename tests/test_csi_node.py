@@ -4,7 +4,9 @@ the real staging through csi-sanity.)"""
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -304,3 +306,54 @@ def test_stats_are_only_given_for_a_mounted_path(tmp_path: Path) -> None:
         )
     assert caught.value.code == Code.NOT_FOUND
     assert caught.value.message == f"volume {VID} is not mounted at {lost}"
+
+
+def dhchap_key(secret: bytes) -> str:
+    """A key as `nvme gen-dhchap-key` writes it: DHHC-1, hash, base64 of secret + CRC-32."""
+    tail = zlib.crc32(secret).to_bytes(4, "little")
+    return f"DHHC-1:00:{base64.b64encode(secret + tail).decode()}:"
+
+
+def test_the_nodes_key_is_read_from_its_own_hostkey_file_and_a_stage_secret_comes_first(
+    tmp_path: Path,
+) -> None:
+    etc = tmp_path / "etc-nvme"
+    etc.mkdir()
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=no_commands, etc_nvme=etc)
+    mine, given = dhchap_key(bytes(32)), dhchap_key(bytes(range(32)))
+    (etc / "hostkey").write_text(mine + "\n")
+    assert node.secret(True, {}) == mine
+    assert node.secret(True, {"dhchapKey": given}) == given
+    assert node.secret(False, {}) is None
+    # Rotated on the node: the next stage uses the new key.
+    (etc / "hostkey").write_text(given)
+    assert node.secret(True, {}) == given
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "has no key: write it to"),
+        ("", "has no key: write it to"),
+        ("s3cr3t-typed-by-hand", "is malformed: it is not of the form DHHC-1"),
+    ],
+)
+def test_a_missing_or_malformed_hostkey_refuses_the_stage_before_any_command(
+    tmp_path: Path, content: str | None, why: str
+) -> None:
+    etc = tmp_path / "etc-nvme"
+    etc.mkdir()
+    if content is not None:
+        (etc / "hostkey").write_text(content)
+    node = Node(HOST, "0b4a", "default", tmp_path / "state", runner=no_commands, etc_nvme=etc)
+    request = STAGE(volume_id="fm-000000000001", staging_target_path=str(tmp_path / "s"),
+                    volume_capability=MOUNT,
+                    volume_context={"pool": "p", "stripeWidth": "1", "dhchap": "true"},
+                    publish_context={"segments": json.dumps(
+                        [{"nqn": "nqn.2026-11.dev.flashmesh:fm-000000000001.s0r0",
+                          "endpoints": ["tcp:10.77.0.1:4420"]}])})  # fmt: skip
+    with pytest.raises(CsiError) as caught:
+        node.NodeStageVolume(request, None)
+    assert caught.value.code == Code.FAILED_PRECONDITION
+    assert why in caught.value.message and str(etc / "hostkey") in caught.value.message
+    assert "s3cr3t" not in caught.value.message

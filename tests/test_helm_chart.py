@@ -89,8 +89,8 @@ DEFAULT_KINDS = {
     "ServiceAccount": 4,
     "ClusterRole": 4,  # the node plugin's: Volumes read, their status patched
     "ClusterRoleBinding": 4,
-    "Role": 4,
-    "RoleBinding": 4,
+    "Role": 3,  # none for the node plugin: it reads no Secret
+    "RoleBinding": 3,
     "Deployment": 2,  # operator, CSI controller
     "DaemonSet": 2,  # node plugin, agent
     "CSIDriver": 1,
@@ -654,7 +654,7 @@ EXPECTED: dict[str, tuple[dict[str, set[str]], dict[str, set[str]]]] = {
             "volumes.flashmesh.dev/status": {"patch"},
             "events": {"create"},
         },
-        {"secrets": {"get", "list"}},
+        {},  # no Secret: each node's key is a file on that node
     ),
     "agent": (AGENT, {LEASES: {"get", "create", "update", "patch"}, "secrets": GLW}),
 }
@@ -702,7 +702,10 @@ def can_i(cluster: LocalCluster, component: str, verb: str, what: str, namespace
 QUESTIONS = [
     ("operator", "get", "secrets", NS, False),
     ("csi-controller", "get", "secrets", NS, False),
-    ("csi-node", "list", "secrets", NS, True),
+    # A node plugin cannot read any node's DH-HMAC-CHAP key Secret, its own or another's.
+    ("csi-node", "list", "secrets", NS, False),
+    ("csi-node", "get", "secrets/dhchap-gpu-1", NS, False),
+    ("csi-node", "watch", "secrets", NS, False),
     ("csi-node", "list", "secrets", "default", False),
     ("csi-node", "get", "secrets", "kube-system", False),
     ("csi-node", "get", "storagenodes.flashmesh.dev", NS, False),

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     csi.add_argument("--kubeconfig", help="default: the pod's service account")
     csi.add_argument(
-        "--namespace", default="flashmesh-system", help="where agents' Leases and keys live"
+        "--namespace", default="flashmesh-system", help="where the agents' Leases live"
     )
     csi.add_argument(
         "--fabric", default="default", help="the NVMe-oF fabric this driver serves (topology)"

@@ -52,7 +52,7 @@ def run(
 
         watch_paths()
         install_rules()  # before any FlashMesh device appears on this host
-        node = Node.from_host(fabric=fabric, namespace=namespace, kubeconfig=kubeconfig)
+        node = Node.from_host(fabric=fabric, kubeconfig=kubeconfig)
         register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
         MirrorMonitor(node).start()  # a daemon thread: ends with the process
     server = serve(endpoints, register)

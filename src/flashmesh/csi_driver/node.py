@@ -82,24 +82,6 @@ def parse_segments(raw: str) -> list[dict[str, Any]]:
     return segments
 
 
-class KeySecrets:
-    """This node's DH-HMAC-CHAP keys from their Secrets, read at each stage that needs one.
-    The Kubernetes client is imported on first use: most nodes never need it, and the
-    plugin starts faster without it."""
-
-    def __init__(self, namespace: str, kubeconfig: str | None) -> None:
-        self.namespace, self.kubeconfig = namespace, kubeconfig
-        self._kube: Any = None
-
-    def __call__(self) -> dict[str, str]:
-        from flashmesh.dataplane.host_keys import host_keys
-        from flashmesh.kube import Kube
-
-        if self._kube is None:
-            self._kube = Kube.from_kubeconfig(self.kubeconfig, user_agent="flashmesh-csi-node")
-        return host_keys(self._kube, self.namespace)
-
-
 @dataclass
 class Staged:
     """What NodeStage did for one volume. A mirrored one also keeps its md arrays (one per
@@ -123,10 +105,9 @@ class Node(csi_pb2_grpc.NodeServicer):
     fabric: str
     state_dir: Path
     runner: SecretRunner = process.run
-    # This host's DH-HMAC-CHAP key when the pool asks for authentication (from a Secret).
-    key_source: Any = None
     max_volumes: int = 128
-    # The host's own NVMe identity files (see dataplane/identity.py).
+    # The host's own NVMe identity files (see dataplane/identity.py) and its DH-HMAC-CHAP
+    # key, `hostkey`, where libnvme and nvme-stas read it.
     etc_nvme: Path = identity.ETC_NVME
     locks: VolumeLocks = field(default_factory=VolumeLocks)
     # Reads and writes mirrored Volumes' replica records (None: no API access, so no
@@ -134,20 +115,19 @@ class Node(csi_pb2_grpc.NodeServicer):
     replica_status: Any = None
 
     @classmethod
-    def from_host(cls, fabric: str, namespace: str, kubeconfig: str | None) -> Node:
+    def from_host(cls, fabric: str, kubeconfig: str | None) -> Node:
         state = Path(os.environ.get("FLASHMESH_NODE_STATE", "/var/lib/flashmesh/node"))
         staged = state.is_dir() and any(state.glob("fm-*.json"))
         # Not a .json: the folder's *.json are the staged volumes.
         ident = identity.kept_identity(state / "host-identity", upgraded=staged)
         log.info("host NQN %s, host ID %s, from %s", ident.nqn, ident.hostid, ident.source)
-        keys = replicas = None
+        replicas = None
         host = ident.nqn
         if kubeconfig is not None or os.environ.get("KUBERNETES_SERVICE_HOST"):
             from flashmesh.csi_driver.replica_status import ReplicaStatus
 
-            keys = KeySecrets(namespace, kubeconfig)
             replicas = ReplicaStatus(kubeconfig, host)
-        return cls(host, ident.hostid, fabric, state, key_source=keys, replica_status=replicas)
+        return cls(host, ident.hostid, fabric, state, replica_status=replicas)
 
     # --- information ----------------------------------------------------------------------
 
@@ -370,21 +350,40 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def secret(self, wanted: bool, given: dict[str, str]) -> str | None:
         """This host's DH-HMAC-CHAP key: from the node-stage secret a StorageClass names
-        (key `dhchapKey`), else from the host's key Secret (the layout the agents read)."""
+        (key `dhchapKey`), else from the host's own /etc/nvme/hostkey. The node plugin reads
+        no Secret: pods of one DaemonSet share one service account, so RBAC could not keep
+        one node from another's key; a file on the node can. Read at every stage, so a
+        rotated key is used from the next connect on."""
         if not wanted:
             return None
         if given.get(STAGE_SECRET_KEY):
             return given[STAGE_SECRET_KEY]
-        keys = self.key_source() if self.key_source else {}
-        if self.host_nqn not in keys:
-            from flashmesh.dataplane.host_keys import KEY_HINT
+        from flashmesh.dataplane.host_keys import key_problem
 
+        path = self.etc_nvme / "hostkey"
+        try:
+            key = path.read_text().strip()
+        except FileNotFoundError:
+            key = ""
+        except OSError as exc:
             raise _fail(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"the pool asks for DH-HMAC-CHAP and host {self.host_nqn} has no key: "
-                f"add {KEY_HINT}",
+                f"the pool asks for DH-HMAC-CHAP and this host's key {path} cannot be read "
+                f"({exc.strerror})",
+            ) from None
+        if not key:
+            raise _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the pool asks for DH-HMAC-CHAP and host {self.host_nqn} has no key: write "
+                f"it to {path} on the node (`nvme gen-dhchap-key -n {self.host_nqn}`, mode "
+                "0600) and give the storage agents the same key in its Secret",
             )
-        key: str = keys[self.host_nqn]
+        why = key_problem(key)
+        if why:
+            raise _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this host's DH-HMAC-CHAP key {path} is malformed: {why}",
+            )
         return key
 
     def connect(
