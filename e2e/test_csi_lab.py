@@ -6,6 +6,9 @@ by the target kernel."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,15 +16,25 @@ from typing import Any
 
 import grpc
 import pytest
-from agents import API, NAMESPACE, POOL, agent_log
+from agents import API, NAMESPACE, POOL, agent_log, node_name
 from csi import controller, controller_log, controller_stub, node_log, node_stub, start_node_plugin
-from helpers import GPU0, GPU1, STORAGE1, WRONG_KEY_REFUSALS, Scenario, sh
+from helpers import (
+    GPU0,
+    GPU1,
+    STORAGE0,
+    STORAGE1,
+    WRONG_KEY_REFUSALS,
+    Scenario,
+    retry_after_guest_panic,
+    sh,
+)
 
+from flashmesh.csi_driver import fabric_paths
 from flashmesh.csi_driver._proto import csi_pb2
 from flashmesh.dataplane.host_keys import HOST_NQN_ANNOTATION, KEY_LABEL
 from flashmesh.lab import processes
 from flashmesh.lab.cluster import LocalCluster
-from flashmesh.lab.vm import Lab, host_nqn
+from flashmesh.lab.vm import Lab, VmDied, host_nqn
 
 pytestmark = pytest.mark.kernel
 
@@ -237,6 +250,9 @@ def test_with_authentication_the_nodes_key_attaches_and_a_wrong_key_is_refused(
             "data": {"key": base64.b64encode(key.encode()).decode()},
         }
     )
+    # The node's own key lives on the node, where libnvme looks for it; the node plugin may
+    # read no Secret. The agents get the same key from the Secret above.
+    sh(lab, GPU0.name, f"(umask 077; echo '{key}' > /etc/nvme/hostkey)")
     kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": True}}})
     volume = create(driver, "pvc-csi-auth", stripes=1)
     try:
@@ -247,7 +263,7 @@ def test_with_authentication_the_nodes_key_attaches_and_a_wrong_key_is_refused(
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert any(m in refused.value.details() for m in WRONG_KEY_REFUSALS), logs(lab)
         assert wrong not in refused.value.details() and wrong not in node_log(lab, GPU0.name)
-        # The node's own key, from its Secret: attached, and the volume takes writes.
+        # The node's own key, from /etc/nvme/hostkey: attached, and the volume takes writes.
         attached = Attached(driver, volume, GPU0.name, Mode.SINGLE_NODE_WRITER)
         sh(lab, GPU0.name, f"echo keyed > {attached.target}/proof && sync")
         assert key not in node_log(lab, GPU0.name)
@@ -264,9 +280,10 @@ def test_with_authentication_the_nodes_key_attaches_and_a_wrong_key_is_refused(
         )
         kube.patch(API, "StoragePool", POOL, {"spec": {"security": {"dhchap": False}}})
         kube.delete("v1", "Secret", "dhchap-csi-gpu-0", NAMESPACE)
+        sh(lab, GPU0.name, "rm -f /etc/nvme/hostkey")
     scenario.done(
         "DH-HMAC-CHAP through CSI: a wrong node-stage key refused by the target, "
-        "the node's key from its Secret attached and wrote"
+        "the node's key from its /etc/nvme/hostkey attached and wrote"
     )
 
 
@@ -449,4 +466,166 @@ def test_a_striped_block_volume_grows_online_in_the_pods_device(
         f"a 2-way striped block volume published on {gpu} grew online from 64 to 128 MiB: "
         "the pod's device shows 128 MiB, its first 16 MiB unchanged, 8 MiB written past "
         "the old end"
+    )
+
+
+# GPU-0's soft-RoCE in the transport scenario: a port on a dummy interface with an address
+# of its own (a fabric that leads elsewhere, as NCCL's may), then one on eth0, the route to
+# storage-0. Policy rules then leave storage-0's address reachable by TCP only: the node
+# reads the main routing table alone, so it still tries RDMA first, and the kernel's rdma
+# connect fails at its first step (rdma_resolve_addr: ENETUNREACH), at once. Dropping
+# RoCE's UDP port instead (the guest has tc, no nft or iptables) would fail it only after
+# the RDMA CM's connect retries, about 100 s under emulation.
+RXE_ASIDE, RXE_ROUTED, ASIDE = "rxe_aside", "rxe_eth0", "fmaside0"
+STORAGE0_ADDRESS = STORAGE0.address(0)
+TCP_ONLY_RULES = (1000, 1001)
+ASIDE_UP = f"""
+modprobe dummy numdummies=0
+ip link add {ASIDE} type dummy
+ip addr add 192.0.2.3/24 dev {ASIDE}
+ip link set {ASIDE} up
+modprobe rdma_rxe; modprobe ib_uverbs
+rdma link add {RXE_ASIDE} type rxe netdev {ASIDE}
+"""
+ROUTED_UP = f"""
+rdma link add {RXE_ROUTED} type rxe netdev eth0
+ip rule add prio {TCP_ONLY_RULES[0]} to {STORAGE0_ADDRESS} ipproto tcp lookup main
+ip rule add prio {TCP_ONLY_RULES[1]} to {STORAGE0_ADDRESS} unreachable
+ip route get {STORAGE0_ADDRESS} ipproto tcp | grep -q ' dev eth0 '
+if ip route get {STORAGE0_ADDRESS} >/dev/null 2>&1; then echo "not only TCP"; exit 1; fi
+"""
+FABRIC_CLEAN = f"""
+for prio in {TCP_ONLY_RULES[0]} {TCP_ONLY_RULES[1]}; do
+  ip rule del prio $prio 2>/dev/null || true
+done
+for d in {RXE_ROUTED} {RXE_ASIDE}; do
+  [ ! -e /sys/class/infiniband/$d ] || rdma link delete $d
+done
+ip link del {ASIDE} 2>/dev/null || true
+"""
+NODE_VIEW = (
+    f"{sys.executable} -c 'from flashmesh.csi_driver import fabric_paths as f; "
+    "from flashmesh.dataplane import rdma; print(*sorted(f.rdma_interfaces(rdma.discover())))'"
+)
+SHA = "sha256sum < {path} | cut -d' ' -f1"
+
+
+def test_rdma_only_over_the_route_to_the_storage_and_tcp_when_its_connect_fails(
+    lab: Lab, driver: Driver, agents: LocalCluster, scenario: Scenario
+) -> None:
+    """A 2-way striped volume, one segment on storage-0 (advertised over rdma and tcp), on
+    GPU-0 with soft-RoCE. First its only RDMA port is ACTIVE on a dummy interface, not the
+    one storage-0's address is routed through: the segment is staged over TCP and RDMA is
+    never tried (no fallback Event). Then a second port on eth0, the route to storage-0,
+    with rules that leave that address reachable by TCP alone: the node tries RDMA, the
+    kernel refuses it, the segment is staged over TCP, the volume reads what part one
+    wrote and takes more, and the Volume has a TransportFallback Event."""
+    gpu, writer, storage = GPU0.name, Mode.SINGLE_NODE_WRITER, STORAGE0_ADDRESS
+    kube = agents.kube
+    attempts: list[str] = []
+
+    def port_active(device: str) -> bool:
+        return " state ACTIVE " in sh(lab, gpu, f"rdma link show {device}/1")
+
+    def node_view() -> list[str]:
+        """The interfaces the node plugin takes RDMA over, by its own code in the VM."""
+        return sh(lab, gpu, NODE_VIEW).split()
+
+    def transports(nqn: str) -> list[str]:
+        return sh(lab, gpu, "for c in /sys/class/nvme/nvme*; do "
+                            f'[ "$(cat $c/subsysnqn)" = {nqn} ] && cat $c/transport; done; true'
+                  ).split()  # fmt: skip
+
+    def fallbacks(uid: str) -> list[dict[str, Any]]:
+        return [
+            e for e in kube.list("v1", "Event", namespace="default")
+            if e.get("reason") == "TransportFallback" and e["involvedObject"].get("uid") == uid
+        ]  # fmt: skip
+
+    def undo(vid: str) -> None:
+        """Whatever an attempt left on GPU-0, even a failed one: the volume staged and
+        published, the RDMA ports, the dummy interface, the rules."""
+        if not lab.vms().get(gpu):
+            return  # it died, and boots again with none of them
+        node, base = driver.nodes[gpu], f"/run/csi-test/{vid}"
+        with contextlib.suppress(grpc.RpcError):
+            node.NodeUnpublishVolume(
+                csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=f"{base}/target"),
+                timeout=120,
+            )
+        with contextlib.suppress(grpc.RpcError):
+            node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(
+                    volume_id=vid, staging_target_path=f"{base}/staging"
+                ),
+                timeout=300,
+            )
+        with contextlib.suppress(VmDied):
+            lab.exec(gpu, FABRIC_CLEAN, check=False)
+
+    def both_parts(volume: csi_pb2.Volume) -> str:
+        vid = volume.volume_id
+        # 1. An ACTIVE RDMA port, on an interface that does not lead to storage-0.
+        sh(lab, gpu, ASIDE_UP)
+        assert processes.wait_until(lambda: port_active(RXE_ASIDE), 60), sh(lab, gpu, "rdma link")
+        assert node_view() == [ASIDE]
+        table = sh(lab, gpu, "cat /proc/net/route")
+        assert fabric_paths.route_interface(storage, table) == "eth0", table
+        attached = Attached(driver, volume, gpu, writer)
+        found = kube.get(API, "Volume", vid) or {}
+        uid = found["metadata"]["uid"]
+        (segment,) = [
+            s for s in found["status"]["segments"] if s["node"] == node_name(STORAGE0.name)
+        ]
+        assert sorted(e["transport"] for e in segment["endpoints"]) == ["rdma", "tcp"], segment
+        nqn = segment["subsystemNQN"]
+        assert transports(nqn) == ["tcp"]
+        assert fallbacks(uid) == []
+        first = f"{attached.target}/first"
+        sh(lab, gpu, f"head -c 4M /dev/urandom > {first} && sync")
+        written = sh(lab, gpu, SHA.format(path=first)).strip()
+        attached.detach()
+        # 2. RDMA over the route to storage-0, which the kernel refuses: TCP instead.
+        sh(lab, gpu, ROUTED_UP)
+        assert processes.wait_until(lambda: port_active(RXE_ROUTED), 60), sh(lab, gpu, "rdma link")
+        assert node_view() == sorted(["eth0", ASIDE])
+        again = Attached(driver, volume, gpu, writer)
+        assert transports(nqn) == ["tcp"]
+        assert processes.wait_until(lambda: bool(fallbacks(uid)), 30), node_log(lab, gpu)
+        (event,) = fallbacks(uid)
+        message = event["message"]
+        assert event["type"] == "Warning" and nqn in message, event
+        assert "the connect over rdma failed" in message and "over tcp instead" in message
+        first, second = f"{again.target}/first", f"{again.target}/second"
+        assert sh(lab, gpu, SHA.format(path=first)).strip() == written
+        sh(lab, gpu, f"head -c 4M /dev/urandom > {second} && sync")
+        more = sh(lab, gpu, SHA.format(path=second)).strip()
+        sh(lab, gpu, "echo 3 > /proc/sys/vm/drop_caches")  # read back from the volume
+        assert sh(lab, gpu, SHA.format(path=second)).strip() == more
+        again.detach()
+        why = re.search(r"failed: ([^;()]+)", message)
+        return why.group(1).strip() if why else message
+
+    def attempt() -> str:
+        if attempts:  # GPU-0's kernel panicked: booted again, it needs its node plugin
+            start_node_plugin(lab, agents, gpu)
+            driver.nodes[gpu] = node_stub(GPU0.address(0))
+        attempts.append(gpu)
+        volume = create(driver, "pvc-csi-transport", stripes=2)
+        with cleaned_up(lab, driver, volume.volume_id, gpu):
+            try:
+                return both_parts(volume)
+            finally:
+                undo(volume.volume_id)
+
+    why, note = retry_after_guest_panic(lab, attempt, "rdma_rxe")
+    left = sh(lab, gpu, f"rdma link show; ip rule | grep -F 'to {storage}' || true; "
+                        f"ip link show {ASIDE} 2>/dev/null || true")  # fmt: skip
+    assert not left.strip(), left
+    scenario.done(
+        f"{gpu} with soft-RoCE ACTIVE only on {ASIDE}, storage-0 routed over eth0: the "
+        "segment storage-0 serves over rdma and tcp staged over tcp, rdma not tried; with a "
+        "second port on eth0 and storage-0 reachable by TCP alone: rdma tried first and "
+        f"refused by the kernel ({why}), staged over tcp, a TransportFallback Event, 4 MiB "
+        f"read back and 4 MiB more written and read back{note}"
     )
