@@ -35,7 +35,7 @@ from agents import (
     stop_agent,
 )
 from csi import controller, controller_log, controller_stub, node_log, node_stub, start_node_plugin
-from helpers import GPU0, Scenario, sh
+from helpers import DIRECT_WRITE, GPU0, Scenario, sh
 
 from flashmesh.core import mirrors, naming
 from flashmesh.csi_driver._proto import csi_pb2
@@ -180,6 +180,15 @@ def stage_calls(lab: Lab) -> int:
     """NodeStage and NodeUnstage calls the GPU VM's node plugin has had (its whole log)."""
     text = (lab.workdir / f"csi-node-{VM}.log").read_text(errors="replace")
     return len(re.findall(r"Node(?:Un)?StageVolume request", text))
+
+
+def controllers_of(lab: Lab, vid: str) -> set[str]:
+    """The GPU VM's NVMe controllers of a volume's segments (from sysfs)."""
+    prefix = naming.subsystem_nqn(vid, 0, 0).rsplit(".", 1)[0] + "."
+    return set(sh(lab, VM, (
+        "for c in /sys/class/nvme/nvme*; do case \"$(cat $c/subsysnqn)\" in "
+        f"{prefix}*) basename $c;; esac; done; true"
+    )).split())  # fmt: skip
 
 
 def probe_writes(lab: Lab, tag: str = "probe") -> int:
@@ -384,7 +393,8 @@ def test_a_storage_node_away_for_minutes_stalls_io_that_resumes_on_its_return(
     class: a single-segment and a striped volume stall (I/O queued, not failed) and resume
     within seconds of the node's return, with zero verify errors and no NodeUnstage or
     NodeStage in between. A class that chose to fail fast (keep-alive 5 s, fastIoFailTmo
-    5 s) fails a write within those, never after the kernel's 600 s."""
+    5 s) fails a write within those, never after the kernel's 600 s; its controller, given
+    up after ctrlLossTmo, is connected again by the node plugin and its stripe reloaded."""
     kube = agents.kube
     single = stage(driver, "outage-single", 80)  # room for the probe at 64 MiB
     node = (kube.get(API, "Volume", single.volume.volume_id) or {})["spec"]["segments"][0]
@@ -400,6 +410,7 @@ def test_a_storage_node_away_for_minutes_stalls_io_that_resumes_on_its_return(
     for tag in volumes:
         assert processes.wait_until(lambda tag=tag: probe_writes(lab, f"{tag}.probe") > 0, 60)
     stages_before = stage_calls(lab)
+    fast_controllers = controllers_of(lab, fast.volume.volume_id)
 
     lab.kill(lost.name)
     killed = time.monotonic()
@@ -423,6 +434,21 @@ def test_a_storage_node_away_for_minutes_stalls_io_that_resumes_on_its_return(
         more = lambda tag=tag: probe_writes(lab, f"{tag}.probe") > done[tag]  # noqa: E731
         assert processes.wait_until(more, 300), f"{tag}: no write since\n{node_log(lab, VM)}"
         resumed[tag] = time.monotonic() - exported
+    # The fail-fast class's controller was given up after its ctrlLossTmo (60 s, the node
+    # was away for longer): the node plugin's monitor connects the segment again and
+    # reloads the stripe, and the volume takes writes again with no NodeStage.
+    fast_vid = fast.volume.volume_id
+    writes = lambda: sh(lab, VM, DIRECT_WRITE.format(dev=fast.device)).strip() == "0"  # noqa: E731
+    assert processes.wait_until(writes, 300), node_log(lab, VM)
+    restriped = time.monotonic() - exported
+    # A new controller (the kernel's reconnects keep theirs), made by the node plugin's
+    # monitor (the log reaches the host through the share's writeback: awaited).
+    now = controllers_of(lab, fast_vid)
+    assert len(now) == 2 and now != fast_controllers, (fast_controllers, now)
+    said = f"volume {fast_vid}: its segments are connected again"
+    assert processes.wait_until(
+        lambda: said in (lab.workdir / f"csi-node-{VM}.log").read_text(errors="replace"), 120
+    ), node_log(lab, VM)
     for tag, loop in loops.items():
         count = len(loop.passes())
         assert processes.wait_until(lambda loop=loop, c=count: loop.ok_after(c + 1), 600), tag
@@ -440,7 +466,9 @@ def test_a_storage_node_away_for_minutes_stalls_io_that_resumes_on_its_return(
         f"striped volumes stalled {stalls['single']:.0f} s and {stalls['striped']:.0f} s at "
         f"most, 0 verify errors, writes again {resumed['single']:.1f} s and "
         f"{resumed['striped']:.1f} s after its agent's first pass, no NodeStage between; "
-        f"the fail-fast class failed a write after {failed_after:.1f} s"
+        f"the fail-fast class failed a write after {failed_after:.1f} s, its controller "
+        f"given up after ctrlLossTmo 60 s, then connected again and its stripe reloaded by "
+        f"the node plugin: writes again {restriped:.1f} s after the agent's first pass"
     )
 
 

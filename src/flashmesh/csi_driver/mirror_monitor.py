@@ -6,9 +6,16 @@ reconnect a replica whose storage node came back, and show a resync's progress).
 member md failed (its storage node or path went down) is first recorded in the Volume's
 status, then removed from the array; a replica whose subsystem is reachable again is
 connected if need be and re-added, so md resyncs what the bitmap says it missed; and the
-Volume's replica records and ReplicasInSync condition follow what md reports. The
-volume's lock is taken for each pass, so a pass never races a CSI call on it (a busy
-volume waits for the next pass)."""
+Volume's replica records and ReplicasInSync condition follow what md reports.
+
+It also watches striped volumes, for one fault the kernel does not heal: a segment whose
+controller it gave up on (a storage node away for longer than the class's ctrlLossTmo)
+is gone for good, and the stripe's table still names its dead device. The monitor
+connects such a segment again once it is reachable and reloads the stripe's table with
+the new device, so the volume serves again without NodeStage (I/O issued while the
+segment was gone has failed; a single-segment volume, with no table to reload, is left
+for its pod to be restarted). The volume's lock is taken for each pass that acts, so a
+pass never races a CSI call on it (a busy volume waits for the next pass)."""
 
 from __future__ import annotations
 
@@ -63,6 +70,11 @@ class MirrorMonitor:
             vid = path.stem
             try:
                 found = self.node.load(vid)
+                if found is not None and not found.md and found.dm and self._lost(found):
+                    with self.node.locks.hold(vid, background=True):
+                        staged = self.node.load(vid)
+                        if staged is not None and staged.dm:
+                            self.restripe(vid, staged)
                 if found is None or not found.md:
                     continue  # not mirrored: never take its lock (a CSI call would get ABORTED)
                 arrays += found.md
@@ -122,6 +134,24 @@ class MirrorMonitor:
             "volume %s: md failed a member; the degrade was recorded in the Volume's status "
             "%.3f s after the monitor saw it", vid, time.monotonic() - seen,
         )  # fmt: skip
+
+    @staticmethod
+    def _lost(staged: Staged) -> bool:
+        """Whether a segment of this stripe has no namespace device (its controller was
+        given up); read from sysfs, no process and no lock."""
+        return bool(staged.segments) and not all(sysfs.namespace_device(nqn) for nqn in staged.nqns)
+
+    def restripe(self, vid: str, staged: Staged) -> None:
+        """Every lost segment connected again, then the stripe's table reloaded over the
+        devices as they are now (a reconnected segment has a new device)."""
+        devices = []
+        for nqn in staged.nqns:
+            device = self._device(vid, nqn, staged)
+            if device is None:
+                return  # still away: tried again after reconnect_every
+            devices.append(device)
+        log.warning("volume %s: its segments are connected again; reloading its stripe", vid)
+        self.node.restripe(vid, devices)
 
     def _device(self, vid: str, nqn: str, staged: Staged) -> str | None:
         """The replica's block device; connected again (at most every reconnect_every

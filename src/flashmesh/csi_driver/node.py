@@ -110,6 +110,7 @@ class Node(csi_pb2_grpc.NodeServicer):
     # key, `hostkey`, where libnvme and nvme-stas read it.
     etc_nvme: Path = identity.ETC_NVME
     locks: VolumeLocks = field(default_factory=VolumeLocks)
+    device_number: Any = assembly.device_number  # major:minor of a device node
     # Reads and writes mirrored Volumes' replica records (None: no API access, so no
     # mirrored volume can be staged here).
     replica_status: Any = None
@@ -196,6 +197,9 @@ class Node(csi_pb2_grpc.NodeServicer):
             else:
                 device, dm = self._connect_all(vid, segments, chosen, secret, before is None)
                 staged = Staged([s["nqn"] for s in segments], device, dm, block, fstype)
+                # For the monitor: how to connect a segment again if the kernel gives its
+                # controller up (ctrlLossTmo), and restripe.
+                staged.segments, staged.context = segments, dict(request.volume_context)
             self._save(vid, staged)
             read_only = cap.access_mode.mode in capabilities.READ_ONLY or (
                 request.publish_context.get(capabilities.READONLY_CONTEXT) == "true"
@@ -465,7 +469,15 @@ class Node(csi_pb2_grpc.NodeServicer):
                         log.warning("volume %s: %s", vid, exc)
             raise
 
-    def _assemble(self, vid: str, devices: list[str]) -> tuple[str, str | None]:
+    def restripe(self, vid: str, devices: list[str]) -> None:
+        """The stripe's table loaded again over these devices (its segments, in order)."""
+        self._assemble(vid, devices, reload=True)
+
+    def _assemble(
+        self, vid: str, devices: list[str], reload: bool = False
+    ) -> tuple[str, str | None]:
+        """The stripe over the devices; `reload` loads its table again even where it looks
+        unchanged (a segment connected again may have its old device number)."""
         if len(devices) == 1:
             return devices[0], None
         # /dev/md/<name> links name no block device in sysfs: size what they point to.
@@ -473,8 +485,9 @@ class Node(csi_pb2_grpc.NodeServicer):
         name = assembly.dm_name(vid)
         try:
             return assembly.ensure_striped(
-                self.runner, name, devices, min(sizes), CHUNK_SECTORS
-            ), name
+                self.runner, name, devices, min(sizes), CHUNK_SECTORS,
+                number_of=self.device_number, reload=reload,
+            ), name  # fmt: skip
         except assembly.AssemblyError as exc:
             raise _fail(grpc.StatusCode.INTERNAL, f"assembling {vid}: {exc}") from None
 

@@ -149,9 +149,11 @@ def ensure_striped(
     segment_sectors: int,
     chunk_sectors: int,
     number_of: Callable[[str], str] = device_number,
+    reload: bool = False,
 ) -> str:
     """The stripe `name` over the segment devices (in segment order), made, or reloaded
-    with a longer table after the segments grew; its /dev/mapper path. Every device must
+    with a longer table after the segments grew or with other devices (a segment connected
+    again); `reload` reloads an unchanged table too. Its /dev/mapper path. Every device must
     already hold segment_sectors (rescan after growing), or the kernel refuses the table."""
     table = striped(devices, segment_sectors, chunk_sectors)
     text = current_table(runner, name)
@@ -162,6 +164,8 @@ def ensure_striped(
             raise AssemblyError(f"{name} exists but is not a FlashMesh stripe: {text!r}")
     wanted = StripedTable(table.length, table.chunk, tuple(number_of(d) for d in devices))
     action = decide(name, current, wanted)
+    if action == "keep" and reload:
+        action = "reload"
     fix = f"every device must hold at least {segment_sectors} sectors"
     if action == "create":
         _check(runner, ["dmsetup", "create", name, "--table", table.text()], fix)
