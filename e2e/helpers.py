@@ -100,9 +100,12 @@ def assert_verified(job: dict[str, Any], size: int) -> None:
 
 
 # One 4 KiB direct write to {dev}; prints dd's exit code (124: still blocked after 60 s), or
-# "gone" when the device node is gone (a write there would make a plain file). The script
-# runs under `set -e`: a failing dd must not end it before the code is printed.
+# "gone" when the device node is gone. dd never creates the file (conv=nocreat): a node
+# removed between the test and the open (a controller given up just then) would otherwise
+# become a plain file in /dev that takes the write, answers 0, and stands in the way of the
+# next device of that name. The script runs under `set -e`: a failing dd must not end it
+# before the code is printed.
 DIRECT_WRITE = (
     "if [ -b {dev} ]; then rc=0; timeout 60 dd if=/dev/urandom of={dev} bs=4k count=1 "
-    "oflag=direct 2>/dev/null || rc=$?; echo $rc; else echo gone; fi"
+    "oflag=direct conv=nocreat 2>/dev/null || rc=$?; echo $rc; else echo gone; fi"
 )
