@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class Node(csi_pb2_grpc.NodeServicer):
     # key, `hostkey`, where libnvme and nvme-stas read it.
     etc_nvme: Path = identity.ETC_NVME
     locks: VolumeLocks = field(default_factory=VolumeLocks)
-    device_number: Any = assembly.device_number  # major:minor of a device node
+    device_number: Callable[[str], str] = assembly.device_number  # major:minor of a node
     # Reads and writes mirrored Volumes' replica records (None: no API access, so no
     # mirrored volume can be staged here).
     replica_status: Any = None
